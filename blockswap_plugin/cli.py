@@ -1,0 +1,210 @@
+"""The ``blockswap`` command: list block types, count a model, search a student.
+
+Invalid input ends with one ``blockswap: error: ...`` line on stderr and exit
+status 2, and leaves no output file behind.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from .core.blocks import list_block_types
+from .core.errors import BlockSwapError
+from .core.genotype import Genotype, write_json_atomic
+from .core.sampler import Budget, check_budgets
+
+_logger = logging.getLogger("blockswap_plugin.cli")
+
+DATA_HINT = (
+    "download CIFAR-10 as class folders (or a tar file of them) and pass its path to --data, "
+    "for example --data /path/to/cifar10/train.tar"
+)
+
+
+def _create_model(name: str, num_classes: Optional[int]):
+    import timm
+
+    from . import timm as _adapter  # noqa: F401  (registers wrn_*)
+
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    try:
+        return timm.create_model(name, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise BlockSwapError(
+                f"unknown model {name!r}; use a timm model name such as wrn_40_2 (see timm.list_models())"
+            ) from None
+        raise
+
+
+def _space_for(model, input_size):
+    from .timm.spaces import create_space
+
+    return create_space(model, input_size)
+
+
+def cmd_blocks(args: argparse.Namespace) -> int:
+    types = list_block_types()
+    width = max(len(t.name) for t in types)
+    paper_width = max(len(t.paper_name) for t in types)
+    print(f"{'name':<{width}}  {'paper':<{paper_width}}  {'kind':<10}  description")
+    for t in types:
+        print(f"{t.name:<{width}}  {t.paper_name:<{paper_width}}  {t.kind:<10}  {t.description}")
+    return 0
+
+
+def cmd_count(args: argparse.Namespace) -> int:
+    import json
+
+    model = _create_model(args.model, args.num_classes)
+    space, _ = _space_for(model, args.input_size)
+    if args.genotype:
+        genotype = space.check(Genotype.load(args.genotype, model=space.model_name))
+    else:
+        genotype = space.genotype(["Conv"] * len(space))
+    params = space.count_params(genotype)
+    macs = space.count_macs(genotype)
+    if args.json:
+        print(json.dumps({
+            "model": space.model_name,
+            "params": params,
+            "macs": macs,
+            "input_size": list(space.input_size),
+            "blocks": list(genotype.blocks),
+        }))
+    else:
+        print(f"model:      {space.model_name}")
+        print(f"input size: {' x '.join(map(str, space.input_size))}")
+        print(f"params:     {params:,}")
+        print(f"MACs:       {macs:,} ({macs / 1e6:.1f} M)")
+        print(f"blocks:     {' '.join(genotype.blocks)}")
+    return 0
+
+
+def _print_ranking(result, top: int) -> None:
+    rows = result.ranking()[:top]
+    print(f"\nTop {len(rows)} of {len(result.candidates)} candidates (Fisher potential, higher is better):")
+    print(f"{'rank':>4}  {'index':>5}  {'score':>11}  {'params':>9}  {'MACs':>11}  blocks")
+    for rank, c in enumerate(rows, 1):
+        print(f"{rank:>4}  {c.index:>5}  {c.score:>11.5g}  {c.params:>9,}  {c.macs:>11,}  {' '.join(c.blocks)}")
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .core.search import search
+    from .timm.data import load_minibatch, open_image_dataset
+
+    out = Path(args.out)
+    if out.exists() and out.is_dir():
+        raise BlockSwapError(f"--out {out} is a folder; give a file path such as {out / 'search.json'}")
+    if not Path(args.data).exists():
+        raise BlockSwapError(f"data path not found: {args.data}; {DATA_HINT}")
+    if args.samples < 1:
+        raise BlockSwapError(f"--samples must be at least 1, got {args.samples}")
+
+    num_classes = args.num_classes
+    if num_classes is None:
+        # The classifier size is part of the parameter count, so take it from the data.
+        reader = open_image_dataset(args.data).reader
+        num_classes = len(getattr(reader, "class_to_idx", {}) or {}) or None
+    model = _create_model(args.model, num_classes)
+    space, build_candidate = _space_for(model, args.input_size)
+    budgets = [Budget("params", float(args.budget_params), args.tolerance)]
+    check_budgets(space, budgets)
+
+    images, labels, _ = load_minibatch(
+        args.data, args.batch_size, args.seed, space.input_size,
+        mean=model.pretrained_cfg.get("mean"), std=model.pretrained_cfg.get("std"),
+    )
+    if int(labels.max()) >= getattr(model, "num_classes", 0):
+        raise BlockSwapError(
+            f"the data has class index {int(labels.max())} but {args.model} has {model.num_classes} classes; "
+            "set --num-classes to the number of classes in the data"
+        )
+    start = time.perf_counter()
+    result = search(space, build_candidate, images, labels, args.samples, budgets, args.seed, progress=not args.quiet)
+    seconds = time.perf_counter() - start
+    result.extra["data"] = str(args.data)
+    result.extra["input_size"] = list(space.input_size)
+    result.extra["num_classes"] = model.num_classes
+    result.extra["seconds_per_candidate"] = round(seconds / len(result.candidates), 4)
+    _print_ranking(result, args.top)
+    write_json_atomic(out, result.to_dict())
+    best = result.best
+    print(
+        f"\nwinner: candidate {best.index}, {best.params:,} params, {best.macs / 1e6:.1f} M MACs, "
+        f"Fisher potential {best.score:.5g}"
+    )
+    print(f"{len(result.candidates)} candidates in {seconds:.1f} s ({seconds / len(result.candidates):.3f} s each)")
+    print(f"result written to {out}")
+    return 0
+
+
+def _input_size(values: Optional[List[int]]):
+    return tuple(values) if values else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blockswap",
+        description="BlockSwap: Fisher-guided block substitution for network compression on a budget.",
+    )
+    parser.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("blocks", help="list the block types of the candidate pool")
+    p.set_defaults(func=cmd_blocks)
+
+    p = sub.add_parser("count", help="print parameters and MACs of a model or a student")
+    p.add_argument("model", help="timm model name, for example wrn_40_2")
+    p.add_argument("--genotype", help="genotype JSON file (a 'blockswap search' result also works)")
+    p.add_argument("--num-classes", type=int, help="classifier outputs (default: the model's own)")
+    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+                   help="input size for MACs (default: the model's pretrained_cfg input size)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with integer params and macs")
+    p.set_defaults(func=cmd_count)
+
+    p = sub.add_parser("search", help="search a BlockSwap student inside a parameter budget")
+    p.add_argument("model", help="timm model name of the teacher, for example wrn_40_2")
+    p.add_argument("--data", required=True, help="training images: a folder of class folders or a tar file of them")
+    p.add_argument("--budget-params", type=float, required=True, help="target parameter count of the student")
+    p.add_argument("--tolerance", type=float, default=0.025, help="relative budget tolerance (default: 0.025, +-2.5%%)")
+    p.add_argument("--samples", type=int, default=1000, help="number of candidates to score (default: 1000)")
+    p.add_argument("--batch-size", type=int, default=128, help="images in the scoring minibatch (default: 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling, data and initialisation (default: 0)")
+    p.add_argument("--num-classes", type=int, help="classifier outputs (default: the number of classes in --data)")
+    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+                   help="input size (default: the model's pretrained_cfg input size)")
+    p.add_argument("--top", type=int, default=10, help="rows of the printed ranking (default: 10)")
+    p.add_argument("--quiet", "-q", action="store_true", help="hide the progress bar")
+    p.add_argument("--out", required=True, help="JSON file for the result")
+    p.set_defaults(func=cmd_search)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if hasattr(args, "input_size"):
+        args.input_size = _input_size(args.input_size)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except BlockSwapError as exc:
+        _logger.debug("command failed", exc_info=True)
+        print(f"blockswap: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("blockswap: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
