@@ -115,20 +115,22 @@ def fisher_from_activations(activation: torch.Tensor, gradient: torch.Tensor) ->
 def _capture_hooks(points: List[BranchPoint], store: Dict[str, torch.Tensor]):
     handles = []
     for point in points:
-        # The clone keeps the stored tensor intact when the host adds the
-        # shortcut in place (timm's ``x += shortcut``); it is numerically a no-op.
+        # The stored activation and the tensor handed on to the host are two
+        # clones, so the host's in-place shortcut addition (timm's
+        # ``x += shortcut``) changes only the second. The gradient reaches the
+        # stored one through the second clone unchanged.
         if point.where == "output":
             def hook(module, args, output, key=point.name):
-                output = output.clone()
-                store[key] = output
-                return output
+                kept = output.clone()
+                store[key] = kept
+                return kept.clone()
 
             handles.append(point.module.register_forward_hook(hook))
         elif point.where == "input":
             def pre_hook(module, args, key=point.name):
-                first = args[0].clone()
-                store[key] = first
-                return (first, *args[1:])
+                kept = args[0].clone()
+                store[key] = kept
+                return (kept.clone(), *args[1:])
 
             handles.append(point.module.register_forward_pre_hook(pre_hook))
         else:

@@ -30,7 +30,8 @@ def count_macs(
     """Count multiply-accumulates of one forward pass at ``input_shape``.
 
     Args:
-        module: Module to run; it runs once in its current mode on zeros.
+        module: Module to run; it runs once in eval mode on zeros, on the device
+            of its parameters (the meta device counts without computing).
         input_shape: Full input shape including the batch dimension.
         per_module: Also return MACs per submodule, keyed by module path
             (``""`` for ``module`` itself).

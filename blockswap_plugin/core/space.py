@@ -97,7 +97,9 @@ class SwapSpace:
                 key = (site.in_channels, site.out_channels, site.stride, site.input_shape, name)
                 if key not in cache:
                     try:
-                        block = self.build_block(site, name)
+                        # Built on the meta device: shapes and FLOPs only, no memory or compute.
+                        with torch.device("meta"):
+                            block = self.build_block(site, name)
                     except ValueError as exc:
                         # The type does not fit this site (channels not divisible by its groups).
                         _logger.debug("block type %s skipped at %s: %s", name, site.name, exc)
@@ -138,7 +140,7 @@ class SwapSpace:
             site_channels: Returns ``(in_channels, out_channels, stride)`` for a
                 block module; by default read from the input and output shapes.
         """
-        model = copy.deepcopy(model).eval()
+        model = copy.deepcopy(model).to("meta").eval()
         shapes: Dict[str, Tuple[tuple, tuple]] = {}
         handles = []
         for name in site_names:

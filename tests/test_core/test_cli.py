@@ -1,0 +1,121 @@
+"""The blockswap command on real CIFAR-10: blocks, count, search and its input errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blockswap_plugin import cli
+
+
+
+@pytest.fixture
+def run(capsys):
+    """Run the command in this process (start-up of a new interpreter costs seconds per call)."""
+
+    def invoke(*args):
+        capsys.readouterr()
+        returncode = cli.main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(args, returncode, captured.out, captured.err)
+
+    return invoke
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("blockswap: error:")]
+    assert len(error_lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0]
+
+
+def test_console_script_installed():
+    script = Path(sys.executable).parent / "blockswap"
+    assert script.exists(), "run tools/install.sh to install the 'blockswap' console script"
+
+
+def test_blocks_lists_pool(run):
+    result = run("blocks")
+    assert result.returncode == 0
+    assert "DConvA4" in result.stdout and "BG(2,M/8)" in result.stdout
+    assert len(result.stdout.strip().splitlines()) == 1 + 23
+
+
+def test_count_json_teacher(run):
+    result = run("count", "wrn_40_2", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["params"] == 2_243_546
+    assert isinstance(data["macs"], int) and data["macs"] > 0
+
+
+def test_count_paper_genotype(run, tmp_path, paper_genotypes):
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps(paper_genotypes["cifar10_wrn_40_2"]["bs404k"]))
+    result = run("count", "wrn_40_2", "--genotype", path, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["params"] == 404_250
+
+
+def test_count_input_size_changes_macs(run):
+    small = json.loads(run("count", "wrn_16_1", "--json").stdout)
+    large = json.loads(run("count", "wrn_16_1", "--json", "--input-size", "3", "64", "64").stdout)
+    assert small["params"] == large["params"]
+    assert large["macs"] > 3.9 * small["macs"]
+
+
+def test_count_unknown_block_name(run, tmp_path):
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps({"model": "wrn_40_2", "blocks": ["Conv"] * 17 + ["DConvA3"]}))
+    assert_one_line_error(run("count", "wrn_40_2", "--genotype", path), "DConvA3", "block 17", "blockswap blocks")
+
+
+def test_count_wrong_length_genotype(run, tmp_path):
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps({"model": "wrn_40_2", "blocks": ["Conv"] * 6}))
+    assert_one_line_error(run("count", "wrn_40_2", "--genotype", path), "6 blocks", "18")
+
+
+def test_search_impossible_budget(run, tmp_path, cifar_train):
+    out = tmp_path / "x.json"
+    result = run("search", "wrn_40_2", "--data", cifar_train, "--budget-params", 50_000, "--samples", 2, "--out", out)
+    assert_one_line_error(result, "50,000", "84,410", "2,243,546")
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_search_missing_data(run, tmp_path):
+    out = tmp_path / "x.json"
+    missing = tmp_path / "no-such-cifar" / "train.tar"
+    result = run("search", "wrn_40_2", "--data", missing, "--budget-params", 400_000, "--out", out)
+    assert_one_line_error(result, str(missing), "--data")
+    assert not out.exists()
+
+
+def test_search_unknown_model(run, tmp_path, cifar_train):
+    result = run("search", "no_such_net", "--data", cifar_train, "--budget-params", 1000, "--out", tmp_path / "x.json")
+    assert_one_line_error(result, "no_such_net")
+
+
+def test_search_on_cifar_is_reproducible(tmp_path, cifar_train):
+    outs = [tmp_path / "a.json", tmp_path / "b.json"]
+    for out in outs:
+        # A real process through the console script, as a user runs it.
+        result = subprocess.run(
+            [str(Path(sys.executable).parent / "blockswap"), "search", "wrn_40_2", "--data", str(cifar_train),
+             "--budget-params", "400000", "--samples", "20", "--seed", "0", "--out", str(out)],
+            capture_output=True, text=True, timeout=900,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "Top 10 of 20 candidates" in result.stdout
+    first, second = (json.loads(out.read_text()) for out in outs)
+    winner = first["winner"]
+    assert abs(winner["params"] - 400_000) < 0.025 * 400_000
+    assert winner["blocks"] == second["winner"]["blocks"]
+    assert [c["score"] for c in first["candidates"]] == [c["score"] for c in second["candidates"]]
+    assert len(first["candidates"]) == 20 and first["seed"] == 0
+    assert first["budgets"][0]["target"] == 400_000
+    assert max(c["score"] for c in first["candidates"]) == winner["fisher_potential"]
