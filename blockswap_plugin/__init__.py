@@ -25,3 +25,4 @@ __version__ = "0.1.0"
 
 if _importlib_util.find_spec("timm") is not None:
     from . import timm as _timm_adapter  # noqa: F401  (registers the wrn_* models)
+    from .api import SearchSummary, apply_genotype, blockswap, load_student, save_student, search_model

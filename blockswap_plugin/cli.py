@@ -19,6 +19,10 @@ from .core.sampler import Budget, check_budgets
 
 _logger = logging.getLogger("blockswap_plugin.cli")
 
+# Same names as blockswap_plugin.core.scoring.PRECISIONS, kept here so that
+# building the parser does not import torch.
+PRECISION_CHOICES = ("auto", "exact", "fp32", "bf16")
+
 DATA_HINT = (
     "download CIFAR-10 as class folders (or a tar file of them) and pass its path to --data, "
     "for example --data /path/to/cifar10/train.tar"
@@ -87,14 +91,63 @@ def cmd_count(args: argparse.Namespace) -> int:
 
 def _print_ranking(result, top: int) -> None:
     rows = result.ranking()[:top]
-    print(f"\nTop {len(rows)} of {len(result.candidates)} candidates (Fisher potential, higher is better):")
-    print(f"{'rank':>4}  {'index':>5}  {'score':>11}  {'params':>9}  {'MACs':>11}  blocks")
+    print(f"\nTop {len(rows)} of {len(result.candidates)} candidates (Fisher potential, higher is better; "
+          "score is the exact fp32 score where one was computed):")
+    print(f"{'rank':>4}  {'index':>5}  {'score':>11}  {'exact':>11}  {'params':>9}  {'MACs':>11}  blocks")
     for rank, c in enumerate(rows, 1):
-        print(f"{rank:>4}  {c.index:>5}  {c.score:>11.5g}  {c.params:>9,}  {c.macs:>11,}  {' '.join(c.blocks)}")
+        exact = f"{c.scores['exact']:.5g}" if "exact" in c.scores else ""
+        print(f"{rank:>4}  {c.index:>5}  {c.score:>11.5g}  {exact:>11}  {c.params:>9,}  {c.macs:>11,}  "
+              f"{' '.join(c.blocks)}")
+
+
+def _search_budgets(args: argparse.Namespace) -> List[Budget]:
+    budgets = []
+    if args.budget_params is not None:
+        budgets.append(Budget("params", float(args.budget_params), args.tolerance))
+    if args.budget_macs is not None:
+        budgets.append(Budget("macs", float(args.budget_macs), args.tolerance))
+    if args.budget_latency_ms is not None:
+        budgets.append(Budget("latency_ms", float(args.budget_latency_ms), args.tolerance, kind="max"))
+    if not budgets:
+        raise BlockSwapError("no budget given; pass --budget-params, --budget-macs or --budget-latency-ms (or several)")
+    return budgets
+
+
+def _latency_tables(args, space, model, shard) -> dict:
+    """Measure (or read from the cache) the latency table when a latency budget is set; rank 0 measures first."""
+    if args.budget_latency_ms is None:
+        return {}
+    import torch.distributed as dist
+
+    from .core.latency import load_or_build_latency_table
+    from .core.workers import available_cores
+
+    threads = args.latency_threads or available_cores()
+
+    def load():
+        return load_or_build_latency_table(
+            space, model, args.latency_batch_size, "cpu", threads, progress=not args.quiet and shard.rank == 0
+        )
+
+    if shard.distributed and shard.rank != 0:
+        dist.barrier()
+        table = load()
+    else:
+        table = load()
+        if shard.distributed:
+            dist.barrier()
+    if shard.rank == 0:
+        print(f"latency table: {space.model_name} at batch {table.batch_size} on {table.device}, "
+              f"{table.num_threads} thread(s): teacher {table.teacher_ms:.3f} ms, fixed part {table.fixed_ms:.3f} ms")
+    return {"latency_ms": table.cost_table()}
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+
     from .core.search import search
+    from .core.sharding import current_shard, init_distributed_from_env
     from .timm.data import load_minibatch, open_image_dataset
 
     out = Path(args.out)
@@ -104,43 +157,67 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise BlockSwapError(f"data path not found: {args.data}; {DATA_HINT}")
     if args.samples < 1:
         raise BlockSwapError(f"--samples must be at least 1, got {args.samples}")
+    if args.workers is not None and args.workers < 1:
+        raise BlockSwapError(f"--workers must be at least 1, got {args.workers}; omit it for one per CPU core")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise BlockSwapError(f"--device {args.device} requested but no CUDA device is available; use --device cpu")
+    budgets = _search_budgets(args)
 
-    num_classes = args.num_classes
-    if num_classes is None:
-        # The classifier size is part of the parameter count, so take it from the data.
-        reader = open_image_dataset(args.data).reader
-        num_classes = len(getattr(reader, "class_to_idx", {}) or {}) or None
-    model = _create_model(args.model, num_classes)
-    space, build_candidate = _space_for(model, args.input_size)
-    budgets = [Budget("params", float(args.budget_params), args.tolerance)]
-    check_budgets(space, budgets)
+    created_group = init_distributed_from_env(torch.device(args.device))
+    try:
+        shard = current_shard()
+        device = torch.device(args.device)
+        if device.type == "cuda" and shard.distributed:
+            device = torch.device("cuda", torch.cuda.current_device())
+        num_classes = args.num_classes
+        if num_classes is None:
+            # The classifier size is part of the parameter count, so take it from the data.
+            reader = open_image_dataset(args.data).reader
+            num_classes = len(getattr(reader, "class_to_idx", {}) or {}) or None
+        model = _create_model(args.model, num_classes)
+        space, build_candidate = _space_for(model, args.input_size)
+        check_budgets(space, [b for b in budgets if b.metric != "latency_ms"])
+        tables = _latency_tables(args, space, model, shard)
 
-    images, labels, _ = load_minibatch(
-        args.data, args.batch_size, args.seed, space.input_size,
-        mean=model.pretrained_cfg.get("mean"), std=model.pretrained_cfg.get("std"),
-    )
-    if int(labels.max()) >= getattr(model, "num_classes", 0):
-        raise BlockSwapError(
-            f"the data has class index {int(labels.max())} but {args.model} has {model.num_classes} classes; "
-            "set --num-classes to the number of classes in the data"
+        images, labels, _ = load_minibatch(
+            args.data, args.batch_size, args.seed, space.input_size,
+            mean=model.pretrained_cfg.get("mean"), std=model.pretrained_cfg.get("std"),
         )
-    start = time.perf_counter()
-    result = search(space, build_candidate, images, labels, args.samples, budgets, args.seed, progress=not args.quiet)
-    seconds = time.perf_counter() - start
-    result.extra["data"] = str(args.data)
-    result.extra["input_size"] = list(space.input_size)
-    result.extra["num_classes"] = model.num_classes
-    result.extra["seconds_per_candidate"] = round(seconds / len(result.candidates), 4)
-    _print_ranking(result, args.top)
-    write_json_atomic(out, result.to_dict())
-    best = result.best
-    print(
-        f"\nwinner: candidate {best.index}, {best.params:,} params, {best.macs / 1e6:.1f} M MACs, "
-        f"Fisher potential {best.score:.5g}"
-    )
-    print(f"{len(result.candidates)} candidates in {seconds:.1f} s ({seconds / len(result.candidates):.3f} s each)")
-    print(f"result written to {out}")
-    return 0
+        if int(labels.max()) >= getattr(model, "num_classes", 0):
+            raise BlockSwapError(
+                f"the data has class index {int(labels.max())} but {args.model} has {model.num_classes} classes; "
+                "set --num-classes to the number of classes in the data"
+            )
+        start = time.perf_counter()
+        result = search(
+            space, build_candidate, images.to(device), labels.to(device), args.samples, budgets, args.seed,
+            device=device, progress=not args.quiet, precision=args.precision, refine_top=args.refine_top,
+            workers=args.workers, cost_tables=tables,
+        )
+        seconds = time.perf_counter() - start
+        if shard.rank != 0:
+            return 0
+        result.extra["data"] = str(args.data)
+        result.extra["input_size"] = list(space.input_size)
+        result.extra["num_classes"] = model.num_classes
+        result.extra["seconds_per_candidate"] = round(seconds / len(result.candidates), 4)
+        _print_ranking(result, args.top)
+        write_json_atomic(out, result.to_dict())
+        best = result.best
+        latency = f", {best.costs['latency_ms']:.3f} ms predicted" if "latency_ms" in best.costs else ""
+        print(
+            f"\nwinner: candidate {best.index}, {best.params:,} params, {best.macs / 1e6:.1f} M MACs{latency}, "
+            f"Fisher potential {best.score:.5g}"
+        )
+        print(
+            f"{len(result.candidates)} candidates in {seconds:.1f} s ({seconds / len(result.candidates):.3f} s each; "
+            f"precision {result.extra['precision']}, {shard.world_size} rank(s) x {result.extra['workers']} worker(s))"
+        )
+        print(f"result written to {out}")
+        return 0
+    finally:
+        if created_group:
+            dist.destroy_process_group()
 
 
 def _input_size(values: Optional[List[int]]):
@@ -167,14 +244,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object with integer params and macs")
     p.set_defaults(func=cmd_count)
 
-    p = sub.add_parser("search", help="search a BlockSwap student inside a parameter budget")
+    p = sub.add_parser(
+        "search", help="search a BlockSwap student inside a parameter, MAC or latency budget",
+        description="Search a BlockSwap student. Run under 'torchrun --nproc_per_node N' to split the "
+                    "candidates over N ranks; on one machine, worker processes already use every CPU core.",
+    )
     p.add_argument("model", help="timm model name of the teacher, for example wrn_40_2")
     p.add_argument("--data", required=True, help="training images: a folder of class folders or a tar file of them")
-    p.add_argument("--budget-params", type=float, required=True, help="target parameter count of the student")
-    p.add_argument("--tolerance", type=float, default=0.025, help="relative budget tolerance (default: 0.025, +-2.5%%)")
+    p.add_argument("--budget-params", type=float, help="target parameter count of the student")
+    p.add_argument("--budget-macs", type=float, help="target MACs of the student at the model's input size")
+    p.add_argument("--budget-latency-ms", type=float,
+                   help="maximum predicted forward latency of the student in milliseconds on this CPU, "
+                        "from a per-block latency table measured once and cached")
+    p.add_argument("--tolerance", type=float, default=0.025,
+                   help="relative tolerance of the parameter and MAC budgets (default: 0.025, +-2.5%%)")
+    p.add_argument("--latency-batch-size", type=int, default=1,
+                   help="batch size of the latency measurements (default: 1)")
+    p.add_argument("--latency-threads", type=int,
+                   help="torch threads of the latency measurements (default: all CPU cores of this process)")
     p.add_argument("--samples", type=int, default=1000, help="number of candidates to score (default: 1000)")
     p.add_argument("--batch-size", type=int, default=128, help="images in the scoring minibatch (default: 128)")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling, data and initialisation (default: 0)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                   help="scoring precision: exact (fp32 reference), fp32 (fast fp32), bf16 (fast bf16 autocast), "
+                        "auto (bf16 where the device supports it natively, else fp32; the default)")
+    p.add_argument("--refine-top", type=int, default=8,
+                   help="score this many of the best candidates again in exact fp32 and pick the winner among "
+                        "them (default: 8; 0 turns it off; ignored with --precision exact)")
+    p.add_argument("--workers", type=int,
+                   help="scoring processes per rank (default: one per CPU core, shared among local ranks)")
+    p.add_argument("--device", default="cpu", help="device to score on: cpu or cuda (default: cpu)")
     p.add_argument("--num-classes", type=int, help="classifier outputs (default: the number of classes in --data)")
     p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
                    help="input size (default: the model's pretrained_cfg input size)")

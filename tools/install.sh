@@ -44,17 +44,18 @@ if ! "$py" -c "import torch, torchvision; assert torch.__version__.split('+')[0]
     log "installing torch $torch_version and torchvision $torchvision_version (large download on first run)"
     quiet "${pip[@]}" "torch==$torch_version" "torchvision==$torchvision_version"
 fi
-if ! "$py" -c "import timm, mmengine, mmdet, pytest, tqdm, yaml, matplotlib, pycocotools" 2>/dev/null; then
+if ! "$py" -c "import timm, mmengine, mmdet, pytest, tqdm, yaml, matplotlib, pycocotools, pkg_resources" 2>/dev/null; then
     log "installing timm, mmengine, mmdet and the test tools"
     # mmdet lists mmcv only as an optional requirement, so this does not try
     # to build mmcv; that happens below. numpy stays below 2 because mmcv
     # 2.1.0 and mmdet 3.3.0 were released against numpy 1.x. torch is named
     # again so that no other requirement can make pip swap it for another
-    # release.
+    # release. setuptools 81 dropped pkg_resources, which mmengine 0.10.7
+    # needs to resolve 'mmdet::' base configs, and torch 2.14 needs >=77.0.3.
     quiet "${pip[@]}" "torch==$torch_version" "torchvision==$torchvision_version" \
         "timm>=1.0.20" "mmengine>=0.10,<0.11" "mmdet==3.3.0" "numpy<2" \
         "pytest" "tqdm" "pyyaml" "matplotlib" "pycocotools" "scipy" "psutil" \
-        "wheel" "ninja" "setuptools>=77.0.3"
+        "wheel" "ninja" "setuptools>=77.0.3,<81"
 fi
 
 # 2. mmcv 2.1.0 with its compiled ops.

@@ -1,23 +1,31 @@
 """Budget-constrained sampling of genotypes.
 
 Each candidate draws one block type per site, uniformly and independently,
-and is kept only if every budget holds: its cost lies strictly inside
-``budget * (1 - tolerance)`` and ``budget * (1 + tolerance)``. The candidate
-list depends only on the space, the budgets and the seed.
+and is kept only if every budget holds. A ``"band"`` budget holds when the
+cost lies strictly inside ``target * (1 - tolerance)`` and
+``target * (1 + tolerance)``; a ``"max"`` budget holds when the cost is at most
+``target``. Parameter and MAC costs come from the space's tables; other
+metrics (measured latency) come from cost tables passed in by the caller. The
+candidate list depends only on the space, the budgets, the cost tables and the seed.
 """
 from __future__ import annotations
 
 import logging
 import random
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import BlockSwapError
 from .space import SwapSpace
 
-__all__ = ["Budget", "sample_genotypes"]
+__all__ = ["Budget", "CostTable", "check_budgets", "genotype_cost", "sample_genotypes"]
 
 _logger = logging.getLogger(__name__)
+
+# (cost outside the sites, one {block type: cost} row per site); the cost of a
+# genotype is the fixed part plus one entry per site.
+CostTable = Tuple[float, List[Dict[str, float]]]
+BUDGET_KINDS = ("band", "max")
 
 
 @dataclass(frozen=True)
@@ -25,14 +33,17 @@ class Budget:
     """A target cost with a relative tolerance.
 
     Attributes:
-        metric: ``"params"`` or ``"macs"``.
-        target: Target value (parameters or MACs).
+        metric: ``"params"``, ``"macs"``, or the name of a cost table passed
+            to the sampler (``"latency_ms"``).
+        target: Target value (parameters, MACs, milliseconds).
         tolerance: Relative half-width of the accepted band (0.025 is +-2.5 %).
+        kind: ``"band"`` (inside target +- tolerance) or ``"max"`` (at most target).
     """
 
     metric: str
     target: float
     tolerance: float = 0.025
+    kind: str = "band"
 
     @property
     def low(self) -> float:
@@ -43,36 +54,74 @@ class Budget:
         return self.target * (1.0 + self.tolerance)
 
     def accepts(self, value: float) -> bool:
+        if self.kind == "max":
+            return value <= self.target
         return self.low < value < self.high
 
+    def describe(self) -> str:
+        """Short text such as ``params=400,000+-2.5%`` or ``latency_ms<=5``."""
+        if self.kind == "max":
+            return f"{self.metric}<={self.target:,.6g}"
+        return f"{self.metric}={self.target:,.6g}+-{self.tolerance:.1%}"
 
-def _metric_table(space: SwapSpace, metric: str) -> Tuple[int, List[Dict[str, int]]]:
+
+def _metric_table(
+    space: SwapSpace, metric: str, tables: Optional[Mapping[str, CostTable]] = None
+) -> CostTable:
+    if tables and metric in tables:
+        return tables[metric]
     if metric == "params":
         return space.fixed_params, space.params
     if metric == "macs":
         return space.fixed_macs, space.macs
-    raise BlockSwapError(f"unknown budget metric {metric!r}; use 'params' or 'macs'")
+    known = ["params", "macs", *(tables or {})]
+    raise BlockSwapError(f"unknown budget metric {metric!r}; use one of {', '.join(known)}")
 
 
-def check_budgets(space: SwapSpace, budgets: Sequence[Budget]) -> None:
+def _format_cost(value: float) -> str:
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:,.4g}"
+
+
+def genotype_cost(table: CostTable, genotype: Sequence[str]) -> float:
+    """Cost of a genotype under a cost table: the fixed part plus one entry per site."""
+    fixed, rows = table
+    return fixed + sum(rows[i][name] for i, name in enumerate(genotype))
+
+
+def check_budgets(
+    space: SwapSpace, budgets: Sequence[Budget], tables: Optional[Mapping[str, CostTable]] = None
+) -> None:
     """Reject budgets that no genotype of ``space`` can meet, naming the reachable range.
 
+    Args:
+        space: Search space.
+        budgets: Budgets to check.
+        tables: Cost tables for metrics other than params and MACs.
+
     Raises:
-        BlockSwapError: If a budget band lies outside the reachable range or
-            the tolerance is not in (0, 1).
+        BlockSwapError: If a budget lies outside the reachable range, its kind
+            is unknown, or the tolerance is not in (0, 1).
     """
     for budget in budgets:
+        if budget.kind not in BUDGET_KINDS:
+            raise BlockSwapError(f"budget kind must be one of {', '.join(BUDGET_KINDS)}, got {budget.kind!r}")
         if not 0 < budget.tolerance < 1:
             raise BlockSwapError(f"tolerance must be in (0, 1), got {budget.tolerance}; 0.025 means +-2.5 %")
         if budget.target <= 0:
             raise BlockSwapError(f"{budget.metric} budget must be positive, got {budget.target:g}")
-        fixed, table = _metric_table(space, budget.metric)
+        fixed, table = _metric_table(space, budget.metric, tables)
         low = fixed + sum(min(row.values()) for row in table)
         high = fixed + sum(max(row.values()) for row in table)
-        if budget.high <= low or budget.low >= high:
+        if budget.kind == "max":
+            unreachable = budget.target < low
+        else:
+            unreachable = budget.high <= low or budget.low >= high
+        if unreachable:
+            bound = "at most " if budget.kind == "max" else ""
+            band = "" if budget.kind == "max" else f" (+-{budget.tolerance:.1%})"
             raise BlockSwapError(
-                f"{budget.metric} budget {budget.target:,.0f} (+-{budget.tolerance:.1%}) cannot be met by "
-                f"{space.model_name}: genotypes reach {low:,} to {high:,} {budget.metric}; "
+                f"{budget.metric} budget {bound}{_format_cost(budget.target)}{band} cannot be met by "
+                f"{space.model_name}: genotypes reach {_format_cost(low)} to {_format_cost(high)} {budget.metric}; "
                 "choose a budget inside that range"
             )
 
@@ -84,6 +133,7 @@ def sample_genotypes(
     seed: int = 0,
     max_draws: Optional[int] = None,
     progress: Optional[Callable[[int], None]] = None,
+    tables: Optional[Mapping[str, CostTable]] = None,
 ) -> List[List[str]]:
     """Draw ``num_samples`` genotypes that meet every budget.
 
@@ -94,16 +144,17 @@ def sample_genotypes(
         seed: Seed of the draw; the same seed gives the same list.
         max_draws: Give up after this many draws; ``2000 * num_samples`` by default.
         progress: Called with 1 for every accepted genotype.
+        tables: Cost tables for metrics other than params and MACs, by metric name.
 
     Raises:
         BlockSwapError: If a budget is unreachable or too few draws are accepted.
     """
     if num_samples < 1:
         raise BlockSwapError(f"the number of samples must be at least 1, got {num_samples}")
-    check_budgets(space, budgets)
+    check_budgets(space, budgets, tables)
     rng = random.Random(seed)
     choices = [space.choices(i) for i in range(len(space))]
-    tables = [(budget, *_metric_table(space, budget.metric)) for budget in budgets]
+    checks = [(budget, _metric_table(space, budget.metric, tables)) for budget in budgets]
     max_draws = max_draws or 2000 * num_samples
     accepted: List[List[str]] = []
     draws = 0
@@ -116,10 +167,7 @@ def sample_genotypes(
             )
         draws += 1
         genotype = [rng.choice(options) for options in choices]
-        if all(
-            budget.accepts(fixed + sum(table[i][name] for i, name in enumerate(genotype)))
-            for budget, fixed, table in tables
-        ):
+        if all(budget.accepts(genotype_cost(table, genotype)) for budget, table in checks):
             accepted.append(genotype)
             if progress is not None:
                 progress(1)

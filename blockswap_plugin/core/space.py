@@ -140,7 +140,9 @@ class SwapSpace:
             site_channels: Returns ``(in_channels, out_channels, stride)`` for a
                 block module; by default read from the input and output shapes.
         """
-        model = copy.deepcopy(model).to("meta").eval()
+        model = copy.deepcopy(model).to("meta")
+        # Not chained: some hosts (mmdet 3.3.0's ResNet) return None from train().
+        model.eval()
         shapes: Dict[str, Tuple[tuple, tuple]] = {}
         handles = []
         for name in site_names:

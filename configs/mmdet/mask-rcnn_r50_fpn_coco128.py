@@ -1,0 +1,12 @@
+_base_ = [
+    'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
+    './_base_/coco128_instance.py',
+    './_base_/coco128_schedule.py',
+    './_base_/coco128_runtime.py',
+]
+
+# Mask R-CNN ResNet-50 FPN teacher on COCO128, trained from scratch on CPU: no pretrained
+# backbone (init_cfg=None), so no stage is frozen and BatchNorm statistics train.
+model = dict(
+    backbone=dict(
+        depth=50, frozen_stages=-1, norm_eval=False, init_cfg=None))

@@ -1,0 +1,17 @@
+_base_ = 'mmdet::retinanet/retinanet_r18_fpn_1x_coco.py'
+
+# BlockSwap student of mmdet's retinanet_r18_fpn_1x_coco.py on COCO 2017 (data in
+# data/coco/ as mmdet expects). The teacher is a detector trained with that
+# config; the student trains from scratch, so no pretrained backbone is loaded.
+custom_imports = dict(
+    imports=['blockswap_plugin.mmdet'], allow_failed_imports=False)
+model = dict(backbone=dict(init_cfg=None))
+custom_hooks = [
+    dict(
+        type='BlockSwapHook',
+        budget=0.3,
+        num_samples=1000,
+        seed=0,
+        teacher_checkpoint='work_dirs/retinanet_r18_fpn_1x_coco/epoch_12.pth',
+        distill=dict(at_weight=1000.0, neck_weight=0.0))
+]

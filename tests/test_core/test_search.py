@@ -1,0 +1,95 @@
+"""The search loop: worker processes, exact rescoring of the top, budgets from cost tables, errors."""
+import pytest
+import timm
+import torch
+
+import blockswap_plugin.timm  # noqa: F401  (registers wrn_*)
+from blockswap_plugin.core.errors import BlockSwapError
+from blockswap_plugin.core.sampler import Budget, check_budgets, genotype_cost, sample_genotypes
+from blockswap_plugin.core.search import candidate_seed, score_candidate, search
+from blockswap_plugin.timm.spaces import create_space
+
+BUDGET = [Budget("params", 150_000)]
+
+
+@pytest.fixture(scope="module")
+def space_and_builder():
+    model = timm.create_model("wrn_16_2", num_classes=10)
+    return create_space(model, (3, 32, 32))
+
+
+def test_winner_score_is_exact(space_and_builder, cifar_batch):
+    space, build = space_and_builder
+    images, labels = cifar_batch
+    result = search(space, build, images, labels, 6, BUDGET, seed=3, progress=False, refine_top=2, workers=2)
+    best = result.best
+    reference = score_candidate(build, best.blocks, images, labels, candidate_seed(3, best.index))
+    assert best.score == reference
+    assert best.scores["exact"] == reference
+    assert sum("exact" in c.scores for c in result.candidates) >= 2
+    assert max(c.score for c in result.candidates) == best.score
+    assert result.extra["workers"] == 2
+
+
+def test_workers_do_not_change_scores(space_and_builder, cifar_batch):
+    space, build = space_and_builder
+    images, labels = cifar_batch
+    kwargs = dict(progress=False, precision="fp32", refine_top=0)
+    two = search(space, build, images, labels, 4, BUDGET, seed=5, workers=2, **kwargs)
+    one = search(space, build, images, labels, 4, BUDGET, seed=5, workers=1, **kwargs)
+    assert [c.blocks for c in one.candidates] == [c.blocks for c in two.candidates]
+    for a, b in zip(one.candidates, two.candidates):
+        assert a.score == pytest.approx(b.score, rel=1e-3)
+
+
+def test_worker_error_is_raised(space_and_builder, cifar_batch):
+    space, _ = space_and_builder
+    images, labels = cifar_batch
+
+    def broken_builder(blocks):
+        raise ValueError("cannot build this candidate")
+
+    with pytest.raises(RuntimeError, match="cannot build this candidate"):
+        search(space, broken_builder, images, labels, 3, BUDGET, progress=False, workers=2)
+
+
+def test_invalid_settings_raise(space_and_builder, cifar_batch):
+    space, build = space_and_builder
+    images, labels = cifar_batch
+    with pytest.raises(BlockSwapError, match="workers"):
+        search(space, build, images, labels, 2, BUDGET, progress=False, workers=0)
+    with pytest.raises(BlockSwapError, match="refine_top"):
+        search(space, build, images, labels, 2, BUDGET, progress=False, refine_top=-1)
+    with pytest.raises(BlockSwapError, match="'fp8'"):
+        search(space, build, images, labels, 2, BUDGET, progress=False, precision="fp8")
+
+
+def test_cost_table_budget_combines(space_and_builder):
+    space, _ = space_and_builder
+    # A made-up cost table: every block type costs 1 except Conv, which costs 3.
+    table = (0.0, [{name: 3.0 if name == "Conv" else 1.0 for name in space.choices(i)} for i in range(len(space))])
+    budgets = [Budget("params", 300_000, 0.2), Budget("units", 8.0, kind="max")]
+    genotypes = sample_genotypes(space, 20, budgets, seed=0, tables={"units": table})
+    for blocks in genotypes:
+        assert genotype_cost(table, blocks) <= 8.0
+        assert budgets[0].accepts(space.count_params(blocks))
+
+
+def test_unreachable_max_budget_names_range(space_and_builder):
+    space, _ = space_and_builder
+    table = (2.0, [{name: 1.0 for name in space.choices(i)} for i in range(len(space))])
+    with pytest.raises(BlockSwapError, match="at most 5 cannot be met.*8 to 8"):
+        check_budgets(space, [Budget("units", 5.0, kind="max")], tables={"units": table})
+    with pytest.raises(BlockSwapError, match="unknown budget metric 'latency_ms'"):
+        check_budgets(space, [Budget("latency_ms", 5.0, kind="max")])
+
+
+def test_result_json_has_all_scores(space_and_builder, cifar_batch):
+    space, build = space_and_builder
+    images, labels = cifar_batch
+    result = search(space, build, images, labels, 3, BUDGET, seed=1, progress=False, refine_top=1, workers=1)
+    data = result.to_dict()
+    assert data["winner"]["fisher_potential"] == result.best.score
+    assert data["precision"] in ("bf16", "fp32")
+    assert all(data["precision"] in c["scores"] for c in data["candidates"])
+    assert torch.isfinite(torch.tensor([c["score"] for c in data["candidates"]])).all()
