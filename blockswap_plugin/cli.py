@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -148,11 +149,18 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     from .core.search import search
     from .core.sharding import current_shard, init_distributed_from_env
-    from .timm.data import load_minibatch, open_image_dataset
+    from .timm.data import count_classes, load_minibatch, open_image_dataset
 
     out = Path(args.out)
     if out.exists() and out.is_dir():
         raise BlockSwapError(f"--out {out} is a folder; give a file path such as {out / 'search.json'}")
+    # Create the folder now, so a bad --out fails before the search, not after it.
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BlockSwapError(f"cannot create the folder of --out {out} ({exc.strerror}); choose another path") from None
+    if not os.access(out.parent, os.W_OK):
+        raise BlockSwapError(f"the folder of --out {out} is not writable; choose another path")
     if not Path(args.data).exists():
         raise BlockSwapError(f"data path not found: {args.data}; {DATA_HINT}")
     if args.samples < 1:
@@ -172,8 +180,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         num_classes = args.num_classes
         if num_classes is None:
             # The classifier size is part of the parameter count, so take it from the data.
-            reader = open_image_dataset(args.data).reader
-            num_classes = len(getattr(reader, "class_to_idx", {}) or {}) or None
+            num_classes = count_classes(open_image_dataset(args.data))
         model = _create_model(args.model, num_classes)
         space, build_candidate = _space_for(model, args.input_size)
         check_budgets(space, [b for b in budgets if b.metric != "latency_ms"])

@@ -4,13 +4,13 @@
 #
 # Environment:
 #   CIFAR10_TRAIN  training images (default: ../shared/data/cifar10/train.tar)
-#   SAMPLES        number of candidates to score (default: 1000)
+#   SAMPLES        number of candidates to score (default: 200, a few minutes on 2 cores)
 #   OUT            result file (default: output/search_wrn_40_2_400k.json)
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 data="${CIFAR10_TRAIN:-$root/../shared/data/cifar10/train.tar}"
-samples="${SAMPLES:-1000}"
+samples="${SAMPLES:-200}"
 out="${OUT:-$root/output/search_wrn_40_2_400k.json}"
 
 if [ ! -e "$data" ]; then

@@ -43,7 +43,7 @@ class Genotype:
             try:
                 names.append(canonical_block_name(name))
             except KeyError as exc:
-                raise BlockSwapError(f"block {position} of the genotype: {exc.args[0]}") from None
+                raise BlockSwapError(f"block {position + 1} of {len(blocks)} in the genotype: {exc.args[0]}") from None
         object.__setattr__(self, "model", str(model))
         object.__setattr__(self, "blocks", tuple(names))
         object.__setattr__(self, "meta", dict(meta or {}))
@@ -106,6 +106,10 @@ def write_json_atomic(path: Union[str, Path], data: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp creates the file private (0600); give it the mode a plain open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(data, handle, indent=2)

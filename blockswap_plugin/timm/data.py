@@ -17,7 +17,7 @@ from torchvision import transforms
 
 from ..core.errors import BlockSwapError
 
-__all__ = ["load_minibatch", "cifar_train_transform", "open_image_dataset"]
+__all__ = ["load_minibatch", "cifar_train_transform", "open_image_dataset", "count_classes"]
 
 _logger = logging.getLogger(__name__)
 
@@ -56,6 +56,17 @@ def open_image_dataset(path: str, transform=None):
     return dataset
 
 
+def count_classes(dataset) -> Optional[int]:
+    """Return the number of classes a timm image dataset found, or None when its reader has no class map."""
+    reader = getattr(dataset, "reader", None)
+    # timm's folder reader names its map class_to_idx, its tar reader class_name_to_idx.
+    for attribute in ("class_to_idx", "class_name_to_idx"):
+        mapping = getattr(reader, attribute, None)
+        if mapping:
+            return len(mapping)
+    return None
+
+
 def load_minibatch(
     path: str,
     batch_size: int = 128,
@@ -87,7 +98,7 @@ def load_minibatch(
         kwargs = {} if mean is None else {"mean": tuple(mean), "std": tuple(std)}
         transform = create_transform(tuple(input_size), is_training=True, **kwargs)
     dataset = open_image_dataset(path, transform)
-    num_classes = len(getattr(dataset.reader, "class_to_idx", {}) or {}) or None
+    num_classes = count_classes(dataset)
     if batch_size > len(dataset):
         raise BlockSwapError(f"batch size {batch_size} is larger than the {len(dataset)} images in {path}")
 

@@ -1,4 +1,6 @@
 """The block pool: shapes, group semantics, names and aliases."""
+import os
+
 import pytest
 import torch
 
@@ -64,13 +66,21 @@ def test_paper_names_are_aliases(alias, name):
 def test_unknown_name_lists_valid_names():
     with pytest.raises(KeyError, match="DConvA4"):
         canonical_block_name("DConvA3")
-    with pytest.raises(BlockSwapError, match="block 1 of the genotype.*'Nope'"):
+    with pytest.raises(BlockSwapError, match="block 2 of 2 in the genotype.*'Nope'"):
         Genotype("wrn_40_2", ["Conv", "Nope"])
 
 
 def test_indivisible_channels_rejected():
     with pytest.raises(ValueError, match="divisible by 16"):
         build_block("DConvA16", 24, 24)
+
+
+def test_genotype_file_mode_is_not_private(tmp_path):
+    path = tmp_path / "g.json"
+    Genotype("wrn_40_2", ["Conv"]).save(path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_genotype_json_round_trip(tmp_path):

@@ -70,7 +70,7 @@ def test_count_input_size_changes_macs(run):
 def test_count_unknown_block_name(run, tmp_path):
     path = tmp_path / "g.json"
     path.write_text(json.dumps({"model": "wrn_40_2", "blocks": ["Conv"] * 17 + ["DConvA3"]}))
-    assert_one_line_error(run("count", "wrn_40_2", "--genotype", path), "DConvA3", "block 17", "blockswap blocks")
+    assert_one_line_error(run("count", "wrn_40_2", "--genotype", path), "DConvA3", "block 18 of 18", "blockswap blocks")
 
 
 def test_count_wrong_length_genotype(run, tmp_path):
@@ -93,6 +93,14 @@ def test_search_missing_data(run, tmp_path):
     result = run("search", "wrn_40_2", "--data", missing, "--budget-params", 400_000, "--out", out)
     assert_one_line_error(result, str(missing), "--data")
     assert not out.exists()
+
+
+def test_search_out_under_a_file(run, tmp_path, cifar_train):
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    out = blocker / "x.json"
+    result = run("search", "wrn_40_2", "--data", cifar_train, "--budget-params", 400_000, "--samples", 2, "--out", out)
+    assert_one_line_error(result, str(out), "choose another path")
 
 
 def test_search_unknown_model(run, tmp_path, cifar_train):
