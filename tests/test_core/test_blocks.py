@@ -35,7 +35,8 @@ def test_block_output_shape(name, stride):
 
 def test_group_count_and_group_width():
     by_count = build_block("DConvA4", 32, 32)
-    assert isinstance(by_count, GroupedSeparableConv) and by_count.grouped.groups == 4
+    assert isinstance(by_count, GroupedSeparableConv)
+    assert by_count.grouped.groups == 4
     by_width = build_block("DConvG8", 32, 32)
     assert by_width.grouped.groups == 32 // 8
     depthwise = build_block("DConv", 32, 64)
@@ -44,13 +45,17 @@ def test_group_count_and_group_width():
 
 def test_bottleneck_widths_and_groups():
     b4 = build_block("ConvB4", 32, 64)
-    assert isinstance(b4, BottleneckBranch) and b4.conv.in_channels == 16 and b4.conv.groups == 1
+    assert isinstance(b4, BottleneckBranch)
+    assert b4.conv.in_channels == 16
+    assert b4.conv.groups == 1
     a8 = build_block("A8B2", 32, 64)
-    assert a8.conv.in_channels == 32 and a8.conv.groups == 8
+    assert a8.conv.in_channels == 32
+    assert a8.conv.groups == 8
     g8 = build_block("G8B2", 32, 64)
     assert g8.conv.groups == 32 // 8
     g4b4 = build_block("G4B4", 32, 64)
-    assert g4b4.conv.in_channels == 16 and g4b4.conv.groups == 16 // 4
+    assert g4b4.conv.in_channels == 16
+    assert g4b4.conv.groups == 16 // 4
 
 
 @pytest.mark.parametrize(
@@ -88,7 +93,8 @@ def test_genotype_json_round_trip(tmp_path):
     path = tmp_path / "g.json"
     genotype.save(path)
     loaded = Genotype.load(path)
-    assert loaded == genotype and loaded.blocks == ("DConvA4", "ConvB2", "DConv")
+    assert loaded == genotype
+    assert loaded.blocks == ("DConvA4", "ConvB2", "DConv")
     assert loaded.meta == {"params": 1}
 
 

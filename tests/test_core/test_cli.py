@@ -40,7 +40,8 @@ def test_console_script_installed():
 def test_blocks_lists_pool(run):
     result = run("blocks")
     assert result.returncode == 0
-    assert "DConvA4" in result.stdout and "BG(2,M/8)" in result.stdout
+    assert "DConvA4" in result.stdout
+    assert "BG(2,M/8)" in result.stdout
     assert len(result.stdout.strip().splitlines()) == 1 + 23
 
 
@@ -49,7 +50,8 @@ def test_count_json_teacher(run):
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["params"] == 2_243_546
-    assert isinstance(data["macs"], int) and data["macs"] > 0
+    assert isinstance(data["macs"], int)
+    assert data["macs"] > 0
 
 
 def test_count_paper_genotype(run, tmp_path, paper_genotypes):
@@ -124,6 +126,7 @@ def test_search_on_cifar_is_reproducible(tmp_path, cifar_train):
     assert abs(winner["params"] - 400_000) < 0.025 * 400_000
     assert winner["blocks"] == second["winner"]["blocks"]
     assert [c["score"] for c in first["candidates"]] == [c["score"] for c in second["candidates"]]
-    assert len(first["candidates"]) == 20 and first["seed"] == 0
+    assert len(first["candidates"]) == 20
+    assert first["seed"] == 0
     assert first["budgets"][0]["target"] == 400_000
     assert max(c["score"] for c in first["candidates"]) == winner["fisher_potential"]

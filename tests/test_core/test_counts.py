@@ -31,7 +31,8 @@ def test_paper_genotype_params(paper_genotypes, name, expected):
 def test_baseline_params_match_paper(paper_genotypes, name, depth, width):
     printed_k = paper_genotypes["cifar10_baselines"][name]["params_k"]
     model = timm.create_model(name, num_classes=10)
-    assert isinstance(model, WideResNet) and (model.depth, model.widen_factor) == (depth, width)
+    assert isinstance(model, WideResNet)
+    assert (model.depth, model.widen_factor) == (depth, width)
     assert round(count_params(model) / 1000, 1) == printed_k
 
 
