@@ -13,17 +13,16 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from .core.errors import BlockSwapError
 from .core.flops import count_params
 from .core.genotype import Genotype
-from .core.sampler import Budget, check_budgets, sample_genotypes
-from .core.search import Candidate, SearchResult, candidate_seed, score_candidate, search
+from .core.sampler import Budget, check_budgets
+from .core.search import SearchResult, search
 from .core.space import SwapSpace
 from .timm.spaces import candidate_builder, create_space, model_name
 
@@ -119,78 +118,6 @@ def _budget_params(model: nn.Module, budget: Union[int, float]) -> float:
     return float(budget)
 
 
-def _histogram_sample(
-    space: SwapSpace, num_samples: int, budget: Budget, seed: int, unit: int
-) -> List[List[str]]:
-    """Draw genotypes uniformly from the in-budget set by counting sums per parameter bin.
-
-    Per-site costs are rounded to ``unit`` parameters, the number of genotypes
-    reaching every rounded total is counted site by site, and draws walk the
-    count table backwards. The exact cost is then checked, so only the
-    rounding at the band's edges causes rejections.
-    """
-    rng = np.random.default_rng(seed)
-    choices = [space.choices(i) for i in range(len(space))]
-    costs = [[int(round(space.params[i][name] / unit)) for name in names] for i, names in enumerate(choices)]
-    # counts[i][s]: number of ways the first i sites reach rounded cost s (float, so no overflow).
-    counts = [np.zeros(1)]
-    counts[0][0] = 1.0
-    for site_costs in costs:
-        previous = counts[-1]
-        current = np.zeros(len(previous) + max(site_costs))
-        for cost in site_costs:
-            current[cost:cost + len(previous)] += previous
-        counts.append(current)
-    low = int(np.floor((budget.low - space.fixed_params) / unit)) - 1
-    high = int(np.ceil((budget.high - space.fixed_params) / unit)) + 1
-    totals = counts[-1]
-    weights = np.zeros_like(totals)
-    weights[max(low, 0):max(high + 1, 0)] = totals[max(low, 0):max(high + 1, 0)]
-    if weights.sum() == 0:
-        raise BlockSwapError(f"no genotype of {space.model_name} meets the parameter budget {budget.target:,.0f}")
-
-    accepted: List[List[str]] = []
-    attempts = 0
-    while len(accepted) < num_samples:
-        attempts += 1
-        if attempts > 100 * num_samples:
-            raise BlockSwapError(
-                f"only {len(accepted)} of {num_samples} genotypes met the parameter budget {budget.target:,.0f}; "
-                "raise the tolerance or move the budget away from the edge of the reachable range"
-            )
-        total = int(rng.choice(len(weights), p=weights / weights.sum()))
-        genotype: List[str] = []
-        for index in range(len(costs) - 1, -1, -1):
-            previous = counts[index]
-            options = [
-                previous[total - cost] if 0 <= total - cost < len(previous) else 0.0 for cost in costs[index]
-            ]
-            pick = int(rng.choice(len(options), p=np.asarray(options) / sum(options)))
-            genotype.append(choices[index][pick])
-            total -= costs[index][pick]
-        genotype.reverse()
-        if budget.accepts(space.count_params(genotype)):
-            accepted.append(genotype)
-    return accepted
-
-
-def _score_genotypes(
-    space: SwapSpace, build_candidate, genotypes: List[List[str]], images, labels, budgets, seed, device, progress
-) -> SearchResult:
-    from tqdm.auto import tqdm
-
-    candidates = [
-        Candidate(i, list(blocks), space.count_params(blocks), space.count_macs(blocks))
-        for i, blocks in enumerate(genotypes)
-    ]
-    for candidate in tqdm(candidates, desc="scoring", unit="cand", disable=not progress):
-        candidate.score = score_candidate(
-            build_candidate, candidate.blocks, images, labels, candidate_seed(seed, candidate.index), device
-        )
-    return SearchResult(space.model_name, candidates, list(budgets), seed, int(images.shape[0]),
-                        extra={"sampler": "histogram"})
-
-
 def search_model(
     model: nn.Module,
     data: DataLike,
@@ -206,10 +133,10 @@ def search_model(
 
     Candidates are drawn by rejection sampling as in the BlockSwap paper (one
     uniform block type per site, kept when inside the budget band). When that
-    accepts too few draws, which happens for budgets near the smallest
-    reachable size of bottleneck ResNets, the same distribution (uniform over
-    in-budget genotypes) is drawn from a table of genotype counts per
-    parameter total instead.
+    accepts fewer than one draw in 500, which happens for budgets near the
+    smallest reachable size of bottleneck ResNets, the same distribution
+    (uniform over in-budget genotypes) is drawn from count tables instead
+    (:func:`~blockswap_plugin.core.sampler.sample_genotypes`).
 
     Args:
         model: A supported timm model (see :data:`~blockswap_plugin.timm.spaces.SUPPORTED_FAMILIES`).
@@ -233,13 +160,6 @@ def search_model(
     space, build_candidate = create_space(model, size)
     budgets = [Budget("params", _budget_params(model, budget), tolerance)]
     check_budgets(space, budgets)
-    try:
-        sample_genotypes(space, num_samples, budgets, seed)
-    except BlockSwapError as exc:
-        _logger.warning("rejection sampling failed (%s); drawing in-budget genotypes from count tables", exc)
-        unit = max(1, int(budgets[0].target * tolerance / 50))  # 100 bins across the band
-        genotypes = _histogram_sample(space, num_samples, budgets[0], seed, unit)
-        return space, _score_genotypes(space, build_candidate, genotypes, images, labels, budgets, seed, device, progress)
     return space, search(space, build_candidate, images, labels, num_samples, budgets, seed, device, progress)
 
 

@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -52,23 +53,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="../shared/data/cifar10", help="folder with train.tar and test.tar")
     parser.add_argument("--output", default="output/cifar_pipeline", help="folder for checkpoints and results.json")
-    parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/blockswap_plugin"),
-                        help="folder of cached teacher checkpoints")
+    cache = os.environ.get("BLOCKSWAP_CACHE", os.path.expanduser("~/.cache/blockswap-plugin"))
+    parser.add_argument("--cache-dir", default=os.path.join(cache, "teachers"),
+                        help="folder of cached teacher checkpoints (default: $BLOCKSWAP_CACHE/teachers)")
     parser.add_argument("--teacher", default="wrn_16_2", help="teacher model name (a CIFAR wide ResNet)")
-    parser.add_argument("--train-subset", type=int, default=4000, help="training images used (0 for all 50,000)")
-    parser.add_argument("--monitor-subset", type=int, default=500,
+    parser.add_argument("--train-subset", type=int, default=0, help="training images used (0 for all 50,000)")
+    parser.add_argument("--monitor-subset", type=int, default=1000,
                         help="test images for the per-epoch log (the final evaluation uses all of them)")
     parser.add_argument("--test-subset", type=int, default=0,
                         help="test images for the final evaluation (0 for all 10,000; smaller only for smoke runs)")
-    parser.add_argument("--teacher-epochs", type=int, default=3, help="teacher training epochs")
-    parser.add_argument("--student-epochs", type=int, default=1, help="student training epochs")
+    parser.add_argument("--teacher-epochs", type=int, default=6, help="teacher training epochs")
+    parser.add_argument("--student-epochs", type=int, default=4, help="student training epochs")
     parser.add_argument("--batch-size", type=int, default=128, help="training batch size")
     parser.add_argument("--lr", type=float, default=0.1, help="initial SGD learning rate (cosine to 0)")
     parser.add_argument("--budget", type=float, default=0.25, help="student budget, fraction of teacher parameters")
-    parser.add_argument("--samples", type=int, default=50, help="candidates scored by the search")
+    parser.add_argument("--samples", type=int, default=100, help="candidates scored by the search")
     parser.add_argument("--beta", type=float, default=1000.0, help="attention transfer weight")
     parser.add_argument("--seed", type=int, default=0, help="seed of data subset, search and training")
     parser.add_argument("--workers", type=int, default=2, help="data loader processes")
+    parser.add_argument("--no-amp", dest="amp", action="store_false",
+                        help="train in fp32 with contiguous tensors instead of bf16 autocast and channels-last")
     parser.add_argument("--compare", action="store_true", help="also train the three baseline students")
     parser.add_argument("--report", help="folder to write results.md and results.png into (for example docs)")
     parser.add_argument("--report-only", metavar="RESULTS_JSON",
@@ -76,19 +80,47 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def cpu_model() -> str:
+    """Return the CPU model name from /proc/cpuinfo, else the machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{platform.machine()} CPU"
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """Return the command that repeats this run, with every setting spelled out (defaults change over time)."""
+    parts = ["python tools/cifar_pipeline.py"]
+    for key, value in vars(args).items():
+        if key == "amp":
+            parts += [] if value else ["--no-amp"]
+        elif key not in ("report_only", "cache_dir", "output") and value is not None and value is not False:
+            flag = "--" + key.replace("_", "-")
+            parts.append(flag if value is True else f"{flag} {value}")
+    return " ".join(parts)
+
+
 def base_config(args: argparse.Namespace, output: Path, epochs: int) -> Dict[str, Any]:
     overrides = [
         f"model={args.teacher}", f"data_dir={args.data}", f"train_subset={args.train_subset}",
         f"val_subset={args.monitor_subset}", f"epochs={epochs}", f"batch_size={args.batch_size}",
         f"lr={args.lr}", f"workers={args.workers}", f"seed={args.seed}", f"output={output}", "cutout=0",
-        "log_interval=100",
+        "log_interval=100", f"amp={str(args.amp).lower()}", f"channels_last={str(args.amp).lower()}",
     ]
     return load_config(None, overrides)
 
 
 def teacher_checkpoint(args: argparse.Namespace) -> Tuple[Path, bool]:
     """Return the cached teacher checkpoint and whether it was cached, training and caching it when absent."""
-    key = f"{args.teacher}_n{args.train_subset}_e{args.teacher_epochs}_b{args.batch_size}_s{args.seed}.pth.tar"
+    # The data enters the key through its path and size, so another CIFAR-10 copy trains its own teacher.
+    train_tar = Path(args.data).resolve() / "train.tar"
+    size = train_tar.stat().st_size if train_tar.exists() else 0
+    data_tag = hashlib.sha1(f"{train_tar}:{size}".encode()).hexdigest()[:8]
+    key = f"{args.teacher}_{data_tag}_n{args.train_subset}_e{args.teacher_epochs}_b{args.batch_size}_s{args.seed}"
+    key += "_bf16.pth.tar" if args.amp else "_fp32.pth.tar"
     cached = Path(args.cache_dir) / key
     if cached.is_file():
         _logger.info("teacher loaded from cache %s", cached)
@@ -158,6 +190,14 @@ def measure(args, label: str, model: torch.nn.Module, test_loader) -> Dict[str, 
     return row
 
 
+def print_table(results: Dict[str, Any]) -> None:
+    """Print the results as a plain-text table on stdout."""
+    print(f"{'model':<28} {'top-1 %':>8} {'params':>10} {'MACs':>9} {'b=1 ms':>8} {'b=64 ms':>8}")
+    for row in results["rows"]:
+        print(f"{row['model']:<28} {row['top1']:>8.2f} {row['params']:>10,} {row['macs'] / 1e6:>8.1f}M "
+              f"{row['latency_b1_ms']:>8.2f} {row['latency_b64_ms']:>8.1f}")
+
+
 def write_report(results: Dict[str, Any], folder: Path) -> None:
     """Write results.md (table and settings) and results.png (top-1 against parameters)."""
     import matplotlib
@@ -198,7 +238,9 @@ def write_report(results: Dict[str, Any], folder: Path) -> None:
         f"epochs, students {settings['student_epochs']} epochs, SGD momentum 0.9, lr {settings['lr']} cosine, "
         f"batch {settings['batch_size']}, weight decay 5e-4, padded crop and flip (no Cutout). "
         f"Search: {settings['samples']} candidates at {settings['budget']:.0%} of the teacher's parameters "
-        f"(+-2.5 %), one minibatch of 128 training images. Attention transfer beta {settings['beta']:g}.",
+        f"(+-2.5 %), one minibatch of 128 training images. Attention transfer beta {settings['beta']:g}. "
+        + ("Training runs under bf16 autocast with channels-last tensors; evaluation in fp32."
+           if settings.get("amp") else "Training and evaluation in fp32."),
         "",
         f"Top-1 on {rows[0]['test_images']:,} test images; MACs at 32x32.",
         "",
@@ -214,14 +256,26 @@ def write_report(results: Dict[str, Any], folder: Path) -> None:
     for row in rows:
         if row["genotype"]:
             lines.append(f"- {row['model']}: {' '.join(row['genotype'])}")
+    lines += ["", "![top-1 against parameters](results.png)", ""]
+    by_name = {row["model"]: row for row in rows}
+    ours = by_name.get("BlockSwap + AT")
+    if ours is not None:
+        lines += ["Top-1 of BlockSwap + AT against each other row on this run:", ""]
+        for row in rows:
+            if row is not ours:
+                lines.append(f"- {row['model']}: {ours['top1'] - row['top1']:+.2f} points")
+        if "elapsed_s" in ours:
+            lines += [
+                "",
+                f"The steps that `tools/main_job.sh` runs (teacher, search, BlockSwap + AT, evaluation) reached "
+                f"the BlockSwap + AT row {ours['elapsed_s'] / 60:.1f} minutes after the start of this run.",
+            ]
+        lines.append("")
     lines += [
-        "",
-        "![top-1 against parameters](results.png)",
-        "",
-        "NOTE: these are a few epochs on a subset, run on a shared 2-core CPU, so accuracies are far below the",
-        "paper's 200-epoch figures (teacher WRN-40-2 3.96 % error) and differences between students of a few",
-        "points are within the noise of one short run. Latencies are medians of 30 (batch 1) and 5",
-        "(batch 64) forward passes on the same shared machine and vary with its load.",
+        "NOTE: one short run per row on a 2-core CPU, one seed. Accuracies are far below the paper's",
+        "200-epoch figures (WRN-40-2 teacher 3.96 % error), and differences of a point or two between",
+        "students are within the spread of one short run. Latencies are medians of 30 (batch 1) and 5",
+        "(batch 64) forward passes and move with the machine's load.",
         "",
     ]
     partial = folder / ".results.md.tmp"
@@ -239,6 +293,11 @@ def main(argv=None) -> int:
         write_report(json.loads(Path(args.report_only).read_text()), Path(args.report))
         return 0
 
+    missing = [name for name in ("train.tar", "test.tar") if not (Path(args.data) / name).exists()]
+    if missing:
+        print(f"cifar_pipeline: error: {', '.join(missing)} not found in --data {args.data}; pass the folder "
+              "that holds CIFAR-10's train.tar and test.tar (class-folder tar files)", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     try:
@@ -264,11 +323,11 @@ def main(argv=None) -> int:
         config["val_subset"] = args.test_subset
         _, test_loader = create_loaders(config, distributed=False, train=False)
         results = {
-            "command": "python tools/cifar_pipeline.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": command_line(args),
             "seconds": 0.0,
             "settings": {
                 **{k: v for k, v in vars(args).items() if k not in ("report", "report_only")},
-                "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
+                "machine": f"{cpu_model()}, {os.cpu_count()} cores",
                 "threads": torch.get_num_threads(),
                 "torch": torch.__version__,
                 "timm": timm.__version__,
@@ -283,7 +342,10 @@ def main(argv=None) -> int:
             else:
                 blocks, distil = student
                 model = bp.load_student(train_student(args, f"student_{index - 1}", blocks, teacher_path, distil))
-            results["rows"].append(measure(args, label, model, test_loader))
+            row = measure(args, label, model, test_loader)
+            # Wall time from the start up to this row, so one --compare run also times the plain pipeline.
+            row["elapsed_s"] = round(time.perf_counter() - started, 1)
+            results["rows"].append(row)
             # Written after every row, so an interrupted run keeps what it measured.
             results["seconds"] = time.perf_counter() - started
             write_json_atomic(Path(args.output) / "results.json", results)
@@ -294,6 +356,7 @@ def main(argv=None) -> int:
 
     if args.report:
         write_report(results, Path(args.report))
+    print_table(results)
     _logger.info("pipeline finished in %.1f minutes", results["seconds"] / 60)
     return 0
 

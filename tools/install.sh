@@ -9,6 +9,10 @@
 # ${BLOCKSWAP_CACHE:-~/.cache/blockswap-plugin}/mmcv-2.1.0-torch<version>/
 # so the next install on the same machine takes seconds.
 #
+# Usage: bash tools/install.sh [--no-mmcv]
+#   --no-mmcv   skip step 2 (the mmcv build): enough for the timm path and the
+#               CIFAR-10 main job, which do not use mmcv
+#
 # Environment:
 #   PYTHON          interpreter used to create .venv (default: python3.11 if
 #                   found, else python3)
@@ -24,6 +28,14 @@ torchvision_version="0.29.1"
 mmcv_version="2.1.0"
 
 log() { printf '[install] %s\n' "$*" >&2; }
+
+with_mmcv=1
+for arg in "$@"; do
+    case "$arg" in
+        --no-mmcv) with_mmcv=0 ;;
+        *) log "error: unknown option '$arg'; the only option is --no-mmcv"; exit 2 ;;
+    esac
+done
 
 if [ ! -x "$venv/bin/python" ]; then
     python="${PYTHON:-}"
@@ -59,7 +71,9 @@ if ! "$py" -c "import timm, mmengine, mmdet, pytest, tqdm, yaml, matplotlib, pyc
 fi
 
 # 2. mmcv 2.1.0 with its compiled ops.
-if "$py" -c "from mmcv.ops import nms" 2>/dev/null; then
+if [ "$with_mmcv" = 0 ]; then
+    log "skipping mmcv (--no-mmcv); run without it before using the mmdet adapter"
+elif "$py" -c "from mmcv.ops import nms" 2>/dev/null; then
     log "mmcv with ops already works, skipping its build"
 else
     torch_tag="$("$py" -c "import torch; print(torch.__version__.replace('+', '_'))")"

@@ -1,25 +1,33 @@
 #!/usr/bin/env bash
-# Install what is missing into .venv, then search a BlockSwap student of the
-# paper's WRN-40-2 teacher at a 400K-parameter budget on real CIFAR-10.
+# The main job: BlockSwap on real CIFAR-10 from start to end.
+#
+# 1. Install what the timm path needs into .venv (no mmcv build).
+# 2. Train a WRN-16-2 teacher on all 50,000 training images for 8 epochs, or
+#    load it from the cache of an earlier run ($BLOCKSWAP_CACHE/teachers).
+# 3. Search a student at 25 % of the teacher's parameters (100 candidates).
+# 4. Train the winner for 5 epochs with attention transfer from the teacher.
+# 5. Evaluate teacher and student on the 10,000 test images and write
+#    output/cifar_pipeline/results.json.
 #
 # Environment:
-#   CIFAR10_TRAIN  training images (default: ../shared/data/cifar10/train.tar)
-#   SAMPLES        number of candidates to score (default: 200, a few minutes on 2 cores)
-#   OUT            result file (default: output/search_wrn_40_2_400k.json)
+#   CIFAR10   folder with train.tar and test.tar (default: ../shared/data/cifar10)
+#   OUTPUT    result folder (default: output/cifar_pipeline)
+# Extra arguments go to tools/cifar_pipeline.py, for example --compare --report docs.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-data="${CIFAR10_TRAIN:-$root/../shared/data/cifar10/train.tar}"
-samples="${SAMPLES:-200}"
-out="${OUT:-$root/output/search_wrn_40_2_400k.json}"
+data="${CIFAR10:-$root/../shared/data/cifar10}"
+output="${OUTPUT:-$root/output/cifar_pipeline}"
 
-if [ ! -e "$data" ]; then
-    echo "main_job: CIFAR-10 training data not found at $data" >&2
-    echo "main_job: set CIFAR10_TRAIN to a CIFAR-10 copy: a folder of class folders or a tar file of them" >&2
-    exit 2
-fi
-bash "$root/tools/install.sh"
-"$root/.venv/bin/blockswap" search wrn_40_2 --data "$data" --budget-params 400000 \
-    --samples "$samples" --seed 0 --out "$out"
-echo "main_job: the winning genotype and all scores are in $out"
-echo "main_job: count the student with: .venv/bin/blockswap count wrn_40_2 --genotype $out"
+for split in train.tar test.tar; do
+    if [ ! -e "$data/$split" ]; then
+        echo "main_job: $data/$split not found" >&2
+        echo "main_job: set CIFAR10 to a folder with train.tar and test.tar (class-folder tar files)" >&2
+        exit 2
+    fi
+done
+bash "$root/tools/install.sh" --no-mmcv
+started=$(date +%s)
+"$root/.venv/bin/python" "$root/tools/cifar_pipeline.py" --data "$data" --output "$output" "$@"
+echo "main_job: finished in $(( ($(date +%s) - started) / 60 )) min $(( ($(date +%s) - started) % 60 )) s;" \
+    "results in $output/results.json"

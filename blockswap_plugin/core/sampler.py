@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from .errors import BlockSwapError
 from .space import SwapSpace
 
-__all__ = ["Budget", "CostTable", "check_budgets", "genotype_cost", "sample_genotypes"]
+__all__ = ["Budget", "CostTable", "SAMPLING_METHODS", "check_budgets", "genotype_cost", "sample_genotypes"]
 
 _logger = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ _logger = logging.getLogger(__name__)
 # genotype is the fixed part plus one entry per site.
 CostTable = Tuple[float, List[Dict[str, float]]]
 BUDGET_KINDS = ("band", "max")
+SAMPLING_METHODS = ("auto", "rejection", "counted")
 
 
 @dataclass(frozen=True)
@@ -134,24 +135,39 @@ def sample_genotypes(
     max_draws: Optional[int] = None,
     progress: Optional[Callable[[int], None]] = None,
     tables: Optional[Mapping[str, CostTable]] = None,
+    method: str = "auto",
 ) -> List[List[str]]:
     """Draw ``num_samples`` genotypes that meet every budget.
+
+    Both methods draw uniformly from the genotypes that meet every budget.
+    ``"rejection"`` is the paper's: one uniform block type per site, kept when
+    every budget holds. ``"counted"`` draws from count tables
+    (:mod:`~blockswap_plugin.core.counted_sampler`) and wastes no draws on
+    rare budgets. ``"auto"`` rejects first and, when fewer than one draw in
+    500 is accepted, draws the whole list from count tables instead.
 
     Args:
         space: Search space to sample from.
         num_samples: Number of accepted genotypes to return.
         budgets: Budgets that all must hold.
         seed: Seed of the draw; the same seed gives the same list.
-        max_draws: Give up after this many draws; ``2000 * num_samples`` by default.
+        max_draws: With ``"rejection"``, give up after this many draws; ``2000 * num_samples`` by default.
         progress: Called with 1 for every accepted genotype.
         tables: Cost tables for metrics other than params and MACs, by metric name.
+        method: ``"auto"``, ``"rejection"`` or ``"counted"``.
 
     Raises:
         BlockSwapError: If a budget is unreachable or too few draws are accepted.
     """
     if num_samples < 1:
         raise BlockSwapError(f"the number of samples must be at least 1, got {num_samples}")
+    if method not in SAMPLING_METHODS:
+        raise BlockSwapError(f"sampling method must be one of {', '.join(SAMPLING_METHODS)}, got {method!r}")
     check_budgets(space, budgets, tables)
+    if method == "counted":
+        return _counted(space, num_samples, budgets, seed, tables)
+    if method == "auto" and max_draws is None:
+        max_draws = max(50_000, 500 * num_samples)
     rng = random.Random(seed)
     choices = [space.choices(i) for i in range(len(space))]
     checks = [(budget, _metric_table(space, budget.metric, tables)) for budget in budgets]
@@ -159,6 +175,11 @@ def sample_genotypes(
     accepted: List[List[str]] = []
     draws = 0
     while len(accepted) < num_samples:
+        if draws >= max_draws and method == "auto":
+            _logger.info(
+                "rejection sampling accepted %d of %d draws; drawing from count tables instead", len(accepted), draws
+            )
+            return _counted(space, num_samples, budgets, seed, tables)
         if draws >= max_draws:
             raise BlockSwapError(
                 f"only {len(accepted)} of {num_samples} genotypes met the budget after {draws:,} random draws; "
@@ -171,5 +192,14 @@ def sample_genotypes(
             accepted.append(genotype)
             if progress is not None:
                 progress(1)
-    _logger.info("sampled %d genotypes in %d draws (acceptance %.1f %%)", num_samples, draws, 100.0 * num_samples / draws)
+    _logger.info("sampled %d genotypes in %d random draws (acceptance %.1f %%)", num_samples, draws, 100.0 * num_samples / draws)
     return accepted
+
+
+def _counted(space, num_samples, budgets, seed, tables) -> List[List[str]]:
+    # Imported here because counted_sampler builds on this module's tables.
+    from .counted_sampler import sample_genotypes_counted
+
+    genotypes = sample_genotypes_counted(space, num_samples, budgets, seed, tables)
+    _logger.info("sampled %d genotypes from %s count tables", num_samples, budgets[0].metric)
+    return genotypes

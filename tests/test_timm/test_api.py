@@ -65,15 +65,17 @@ def test_blockswap_unreachable_budget_names_range(cifar_batch):
         bp.blockswap(model, cifar_batch, 0.05, num_samples=2)
 
 
-def test_rare_budget_uses_count_tables(cifar_batch, caplog):
-    from blockswap_plugin.api import _histogram_sample
-    from blockswap_plugin.core.sampler import Budget
+def test_rare_budget_uses_count_tables(cifar_batch):
+    from blockswap_plugin.core.sampler import Budget, sample_genotypes
     from blockswap_plugin.timm.spaces import create_space
 
     model = timm.create_model("resnet50", num_classes=10)
     space, _ = create_space(model, (3, 32, 32))
     budget = Budget("params", 0.25 * bp.count_params(model))
-    genotypes = _histogram_sample(space, 50, budget, seed=0, unit=2000)
+    # The paper's rejection sampling accepts about one draw in 40,000 here.
+    with pytest.raises(bp.BlockSwapError, match="rare under uniform sampling"):
+        sample_genotypes(space, 50, [budget], seed=0, method="rejection", max_draws=100_000)
+    genotypes = sample_genotypes(space, 50, [budget], seed=0)
     assert len(genotypes) == 50
     assert all(budget.accepts(space.count_params(g)) for g in genotypes)
     assert len({tuple(g) for g in genotypes}) > 40

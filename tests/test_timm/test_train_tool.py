@@ -61,6 +61,27 @@ def test_student_resume_evaluate(tmp_path, teacher_checkpoint, genotype_file):
     assert metrics["top1"] == pytest.approx(summary["top1"])
 
 
+def test_bf16_channels_last_training(tmp_path, teacher_checkpoint, genotype_file):
+    output = tmp_path / "bf16"
+    _run("cifar10_demo_student_at.yaml",
+         [f"output={output}", f"student.genotype={genotype_file}", "teacher.model=wrn_16_1",
+          f"teacher.checkpoint={teacher_checkpoint}", "amp=true", "channels_last=true"])
+    checkpoint = torch.load(output / "last.pth.tar", map_location="cpu", weights_only=False)
+    # Autocast computes in bf16 but keeps the weights in fp32.
+    assert {v.dtype for k, v in checkpoint["state_dict"].items() if "num_batches" not in k} == {torch.float32}
+    student = bp.load_student(output / "last.pth.tar")
+    assert student(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_bad_amp_dtype_is_rejected(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, str(TOOL), "--set", "amp=true", "--set", "amp_dtype=int8",
+         "--set", f"output={tmp_path}", *[a for item in TINY for a in ("--set", item)]],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=240)
+    assert completed.returncode == 2
+    assert "amp_dtype must be one of ['bfloat16', 'float16'], got 'int8'" in completed.stderr
+
+
 def test_torchrun_two_processes(tmp_path, teacher_checkpoint, genotype_file):
     output = tmp_path / "ddp"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
