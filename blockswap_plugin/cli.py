@@ -68,7 +68,16 @@ def cmd_count(args: argparse.Namespace) -> int:
     model = _create_model(args.model, args.num_classes)
     space, _ = _space_for(model, args.input_size)
     if args.genotype:
-        genotype = space.check(Genotype.load(args.genotype, model=space.model_name))
+        loaded = Genotype.load(args.genotype, model=space.model_name)
+        if loaded.model and loaded.model != space.model_name:
+            raise BlockSwapError(
+                f"{args.genotype} holds a genotype of {loaded.model!r}, not {space.model_name!r}; "
+                f"count it with 'blockswap count {loaded.model} --genotype {args.genotype}'"
+            )
+        try:
+            genotype = space.check(loaded)
+        except BlockSwapError as exc:
+            raise BlockSwapError(f"{args.genotype}: {exc}") from None
     else:
         genotype = space.genotype(["Conv"] * len(space))
     params = space.count_params(genotype)
@@ -154,13 +163,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and out.is_dir():
         raise BlockSwapError(f"--out {out} is a folder; give a file path such as {out / 'search.json'}")
-    # Create the folder now, so a bad --out fails before the search, not after it.
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BlockSwapError(f"cannot create the folder of --out {out} ({exc.strerror}); choose another path") from None
-    if not os.access(out.parent, os.W_OK):
-        raise BlockSwapError(f"the folder of --out {out} is not writable; choose another path")
+    # Check --out now, so a bad path fails before the search, but create its folder only at the end:
+    # a search that fails leaves nothing behind.
+    existing = out.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BlockSwapError(f"cannot write --out {out}: {existing} is a file, not a folder; choose another path")
+    if not os.access(existing, os.W_OK):
+        raise BlockSwapError(f"cannot write --out {out}: the folder {existing} is not writable; choose another path")
     if not Path(args.data).exists():
         raise BlockSwapError(f"data path not found: {args.data}; {DATA_HINT}")
     if args.samples < 1:

@@ -33,6 +33,7 @@ with_mmcv=1
 for arg in "$@"; do
     case "$arg" in
         --no-mmcv) with_mmcv=0 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) log "error: unknown option '$arg'; the only option is --no-mmcv"; exit 2 ;;
     esac
 done
@@ -56,7 +57,8 @@ if ! "$py" -c "import torch, torchvision; assert torch.__version__.split('+')[0]
     log "installing torch $torch_version and torchvision $torchvision_version (large download on first run)"
     quiet "${pip[@]}" "torch==$torch_version" "torchvision==$torchvision_version"
 fi
-if ! "$py" -c "import timm, mmengine, mmdet, pytest, tqdm, yaml, matplotlib, pycocotools, pkg_resources" 2>/dev/null; then
+# mmdet is looked up, not imported: importing it needs mmcv, which step 2 builds.
+if ! "$py" -c "import timm, mmengine, pytest, tqdm, yaml, matplotlib, pycocotools, pkg_resources, importlib.util as u; assert u.find_spec('mmdet')" 2>/dev/null; then
     log "installing timm, mmengine, mmdet and the test tools"
     # mmdet lists mmcv only as an optional requirement, so this does not try
     # to build mmcv; that happens below. numpy stays below 2 because mmcv
@@ -72,7 +74,7 @@ fi
 
 # 2. mmcv 2.1.0 with its compiled ops.
 if [ "$with_mmcv" = 0 ]; then
-    log "skipping mmcv (--no-mmcv); run without it before using the mmdet adapter"
+    log "skipping the mmcv build (--no-mmcv); run tools/install.sh without --no-mmcv before using the mmdet adapter"
 elif "$py" -c "from mmcv.ops import nms" 2>/dev/null; then
     log "mmcv with ops already works, skipping its build"
 else

@@ -2,10 +2,10 @@
 # The main job: BlockSwap on real CIFAR-10 from start to end.
 #
 # 1. Install what the timm path needs into .venv (no mmcv build).
-# 2. Train a WRN-16-2 teacher on all 50,000 training images for 8 epochs, or
+# 2. Train a WRN-16-2 teacher on all 50,000 training images for 6 epochs, or
 #    load it from the cache of an earlier run ($BLOCKSWAP_CACHE/teachers).
 # 3. Search a student at 25 % of the teacher's parameters (100 candidates).
-# 4. Train the winner for 5 epochs with attention transfer from the teacher.
+# 4. Train the winner for 4 epochs with attention transfer from the teacher.
 # 5. Evaluate teacher and student on the 10,000 test images and write
 #    output/cifar_pipeline/results.json.
 #

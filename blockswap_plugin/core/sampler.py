@@ -61,9 +61,10 @@ class Budget:
 
     def describe(self) -> str:
         """Short text such as ``params=400,000+-2.5%`` or ``latency_ms<=5``."""
+        target = f"{self.target:,.0f}" if self.target >= 1000 else f"{self.target:.6g}"
         if self.kind == "max":
-            return f"{self.metric}<={self.target:,.6g}"
-        return f"{self.metric}={self.target:,.6g}+-{self.tolerance:.1%}"
+            return f"{self.metric}<={target}"
+        return f"{self.metric}={target}+-{self.tolerance:.1%}"
 
 
 def _metric_table(
@@ -192,7 +193,7 @@ def sample_genotypes(
             accepted.append(genotype)
             if progress is not None:
                 progress(1)
-    _logger.info("sampled %d genotypes in %d random draws (acceptance %.1f %%)", num_samples, draws, 100.0 * num_samples / draws)
+    _logger.info("sampled %d genotypes in %d random draws (acceptance %.2g %%)", num_samples, draws, 100.0 * num_samples / draws)
     return accepted
 
 

@@ -105,6 +105,20 @@ def test_search_out_under_a_file(run, tmp_path, cifar_train):
     assert_one_line_error(result, str(out), "choose another path")
 
 
+def test_search_bad_input_leaves_no_folder(run, tmp_path, cifar_train):
+    out = tmp_path / "new" / "sub" / "x.json"
+    result = run("search", "wrn_40_2", "--data", cifar_train, "--budget-params", 1_000, "--samples", 2, "--out", out)
+    assert_one_line_error(result, "genotypes reach")
+    assert not (tmp_path / "new").exists()
+
+
+def test_count_genotype_of_another_model(run, tmp_path):
+    path = tmp_path / "g.json"
+    path.write_text('{"model": "wrn_16_2", "blocks": ["Conv", "Conv", "Conv", "Conv", "Conv", "Conv"]}')
+    result = run("count", "wrn_16_1", "--genotype", path)
+    assert_one_line_error(result, "'wrn_16_2', not 'wrn_16_1'", "blockswap count wrn_16_2")
+
+
 def test_search_unknown_model(run, tmp_path, cifar_train):
     result = run("search", "no_such_net", "--data", cifar_train, "--budget-params", 1000, "--out", tmp_path / "x.json")
     assert_one_line_error(result, "no_such_net")
