@@ -48,6 +48,10 @@ from train_timm import create_loaders, evaluate, load_config, run_train  # noqa:
 
 _logger = logging.getLogger("cifar_pipeline")
 
+# results.md may hold other sections; the script rewrites only the text between these two lines.
+REPORT_START = "<!-- cifar_pipeline.py: start of generated section -->"
+REPORT_END = "<!-- cifar_pipeline.py: end of generated section -->"
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -223,7 +227,7 @@ def write_report(results: Dict[str, Any], folder: Path) -> None:
 
     settings = results["settings"]
     lines = [
-        "# Results: BlockSwap on real CIFAR-10 (CPU-sized schedule)",
+        "## BlockSwap on real CIFAR-10 (CPU-sized schedule)",
         "",
         "Produced by `tools/cifar_pipeline.py`; rerun it to reproduce. Command:",
         "",
@@ -278,9 +282,19 @@ def write_report(results: Dict[str, Any], folder: Path) -> None:
         "(batch 64) forward passes and move with the machine's load.",
         "",
     ]
+    text = "\n".join([REPORT_START, *lines, REPORT_END]) + "\n"
+    page = folder / "results.md"
+    if not page.exists():
+        text = "# Results\n\n" + text
+    else:
+        # Keep what the page holds outside this script's section (the detector results, for example).
+        old = page.read_text(encoding="utf-8")
+        if REPORT_START in old and REPORT_END in old:
+            head, rest = old.split(REPORT_START, 1)
+            text = head + text + rest.split(REPORT_END, 1)[1]
     partial = folder / ".results.md.tmp"
-    partial.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(partial, folder / "results.md")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, page)
 
 
 def main(argv=None) -> int:

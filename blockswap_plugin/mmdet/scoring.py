@@ -161,8 +161,9 @@ def search_detector(
                         buf.copy_(buffers[name])
             done = candidate.index + 1
             print_log(
-                f"BlockSwap search: candidate {done}/{len(candidates)}, {candidate.params:,} backbone "
-                f"params, Fisher potential {candidate.score:.6g}",
+                f"BlockSwap search: {done}/{len(candidates)} scored, candidate {candidate.index} "
+                f"(its index in blockswap_search.json): {candidate.params:,} backbone params, "
+                f"Fisher potential {candidate.score:.6g}",
                 logger="current",
                 level=logging.INFO if done % report_every == 0 or done == len(candidates) else logging.DEBUG,
             )

@@ -33,3 +33,16 @@ def test_pipeline_tiny_compare_report(tmp_path, cifar_train, cifar_test):
     assert (tmp_path / "docs" / "results.png").stat().st_size > 0
     assert "| BlockSwap + AT |" in (tmp_path / "docs" / "results.md").read_text()
     assert list((tmp_path / "cache").glob("wrn_16_1_*.pth.tar"))
+
+    # A rerun of the report rewrites its own section and keeps the rest of the page.
+    page = tmp_path / "docs" / "results.md"
+    page.write_text("# Results\n\nintro stays\n\n" + page.read_text().split("\n", 2)[2] + "\n## Detectors\n\nkept\n")
+    rerun = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "cifar_pipeline.py"), "--report-only",
+         str(tmp_path / "out" / "results.json"), "--report", str(tmp_path / "docs")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    text = page.read_text()
+    assert text.count("| BlockSwap + AT |") == 1
+    assert "intro stays" in text
+    assert text.rstrip().endswith("kept")
