@@ -79,7 +79,7 @@ def test_neck_distillation_logged(tmp_path, teacher_checkpoint):
 
 
 @pytest.mark.slow
-def test_given_genotype_skips_search(tmp_path):
+def test_given_genotype_skips_search(tmp_path, coco128):
     blocks = ["DConvA4"] * 8
     runner = Runner.from_cfg(short_config(tmp_path, None, genotype=blocks))
     runner.train()
@@ -89,7 +89,7 @@ def test_given_genotype_skips_search(tmp_path):
 
 
 @pytest.mark.slow
-def test_test_with_hook_config_rebuilds_student(tmp_path):
+def test_test_with_hook_config_rebuilds_student(tmp_path, coco128):
     blocks = ["G8B2"] * 8
     runner = Runner.from_cfg(short_config(tmp_path, None, genotype=blocks))
     runner.train()
@@ -105,7 +105,7 @@ def test_test_with_hook_config_rebuilds_student(tmp_path):
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
 
 
-def test_swin_backbone_fails_at_start(tmp_path):
+def test_swin_backbone_fails_at_start(tmp_path, coco128):
     cfg = short_config(tmp_path)
     cfg.model.backbone = dict(type="SwinTransformer", embed_dims=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8),
                               out_indices=(0, 1, 2, 3))
@@ -116,13 +116,13 @@ def test_swin_backbone_fails_at_start(tmp_path):
     assert runner.iter == 0
 
 
-def test_unreachable_budget_names_range(tmp_path):
+def test_unreachable_budget_names_range(tmp_path, coco128):
     runner = Runner.from_cfg(short_config(tmp_path, budget=0.01))
     with pytest.raises(BlockSwapError, match=r"cannot be met by mmdet.ResNet-18: genotypes reach [\d,]+ to [\d,]+"):
         runner.train()
 
 
-def test_missing_teacher_checkpoint_error(tmp_path):
+def test_missing_teacher_checkpoint_error(tmp_path, coco128):
     runner = Runner.from_cfg(short_config(tmp_path, tmp_path / "missing.pth"))
     with pytest.raises(BlockSwapError, match="teacher checkpoint not found"):
         runner.train()
