@@ -71,7 +71,7 @@ def cmd_count(args: argparse.Namespace) -> int:
         loaded = Genotype.load(args.genotype, model=space.model_name)
         if loaded.model and loaded.model != space.model_name:
             raise BlockSwapError(
-                f"{args.genotype} holds a genotype of {loaded.model!r}, not {space.model_name!r}; "
+                f"{args.genotype} contains a genotype for {loaded.model!r}, not {space.model_name!r}; "
                 f"count it with 'blockswap count {loaded.model} --genotype {args.genotype}'"
             )
         try:

@@ -287,7 +287,7 @@ def write_report(results: Dict[str, Any], folder: Path) -> None:
     if not page.exists():
         text = "# Results\n\n" + text
     else:
-        # Keep what the page holds outside this script's section (the detector results, for example).
+        # Keep the text that the page contains outside this script's section (the detector results, for example).
         old = page.read_text(encoding="utf-8")
         if REPORT_START in old and REPORT_END in old:
             head, rest = old.split(REPORT_START, 1)
@@ -310,7 +310,7 @@ def main(argv=None) -> int:
     missing = [name for name in ("train.tar", "test.tar") if not (Path(args.data) / name).exists()]
     if missing:
         print(f"cifar_pipeline: error: {', '.join(missing)} not found in --data {args.data}; pass the folder "
-              "that holds CIFAR-10's train.tar and test.tar (class-folder tar files)", file=sys.stderr)
+              "that contains CIFAR-10's train.tar and test.tar (class-folder tar files)", file=sys.stderr)
         return 2
     started = time.perf_counter()
     torch.manual_seed(args.seed)

@@ -2,7 +2,7 @@
 
 Rejection sampling (:func:`~blockswap_plugin.core.sampler.sample_genotypes`)
 draws one block type per site and keeps the genotype when it fits the budget.
-For some spaces the budget band holds a tiny share of all genotypes (ResNet-50
+For some spaces the budget band contains a tiny share of all genotypes (ResNet-50
 at a quarter of its parameters accepts about one draw in 40,000), and
 rejection needs millions of draws. This module draws from the same
 distribution, uniform over the genotypes that meet every budget, without
@@ -78,7 +78,7 @@ def sample_genotypes_counted(
     choices = [space.choices(i) for i in range(len(space))]
     costs = [[int(round(rows[i][name] / unit)) for name in names] for i, names in enumerate(choices)]
 
-    # counts[i][s]: how many choices for the first i sites reach rounded total s.
+    # counts[i][s] is the number of genotypes of the first i sites whose rounded cost totals s.
     counts = [np.ones(1)]
     for site_costs in costs:
         previous = counts[-1]
@@ -86,8 +86,8 @@ def sample_genotypes_counted(
         for cost in site_costs:
             current[cost:cost + len(previous)] += previous
         counts.append(current)
-    # One cell of slack on each side: rounding moves a total by at most half a cell per site,
-    # and the exact check below removes whatever the slack lets in.
+    # Rounding moves each site's cost by at most half a cell, so the band is widened by one cell per
+    # site on each side. The exact check below rejects whatever the widening lets in.
     first = max(0, math.floor((low - fixed) / unit) - len(costs))
     last = min(len(counts[-1]) - 1, math.ceil((high - fixed) / unit) + len(costs))
     weights = np.zeros_like(counts[-1])

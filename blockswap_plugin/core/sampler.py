@@ -142,7 +142,7 @@ def sample_genotypes(
 
     Both methods draw uniformly from the genotypes that meet every budget.
     ``"rejection"`` is the paper's: one uniform block type per site, kept when
-    every budget holds. ``"counted"`` draws from count tables
+    every budget is met. ``"counted"`` draws from count tables
     (:mod:`~blockswap_plugin.core.counted_sampler`) and wastes no draws on
     rare budgets. ``"auto"`` rejects first and, when fewer than one draw in
     500 is accepted, draws the whole list from count tables instead.
@@ -153,7 +153,7 @@ def sample_genotypes(
         budgets: Budgets that all must hold.
         seed: Seed of the draw; the same seed gives the same list.
         max_draws: With ``"rejection"``, give up after this many draws; ``2000 * num_samples`` by default.
-        progress: Called with 1 for every accepted genotype.
+        progress: Called with 1 for every genotype that rejection sampling accepts.
         tables: Cost tables for metrics other than params and MACs, by metric name.
         method: ``"auto"``, ``"rejection"`` or ``"counted"``.
 
@@ -202,5 +202,5 @@ def _counted(space, num_samples, budgets, seed, tables) -> List[List[str]]:
     from .counted_sampler import sample_genotypes_counted
 
     genotypes = sample_genotypes_counted(space, num_samples, budgets, seed, tables)
-    _logger.info("sampled %d genotypes from %s count tables", num_samples, budgets[0].metric)
+    _logger.info("sampled %d genotypes from count tables", num_samples)
     return genotypes
