@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "search", help="search a BlockSwap student inside a parameter, MAC or latency budget",
         description="Search a BlockSwap student. Run under 'torchrun --nproc_per_node N' to split the "
-                    "candidates over N ranks; on one machine, worker processes already use every CPU core.",
+                    "candidates over N ranks; on one machine, scoring threads already use every CPU core.",
     )
     p.add_argument("model", help="timm model name of the teacher, for example wrn_40_2")
     p.add_argument("--data", required=True, help="training images: a folder of class folders or a tar file of them")
@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score this many of the best candidates again in exact fp32 and pick the winner among "
                         "them (default: 8; 0 turns it off; ignored with --precision exact)")
     p.add_argument("--workers", type=int,
-                   help="scoring processes per rank (default: one per CPU core, shared among local ranks)")
+                   help="candidates scored at once per rank, one thread each (default: one per CPU core, shared "
+                        "among local ranks)")
     p.add_argument("--device", default="cpu", help="device to score on: cpu or cuda (default: cpu)")
     p.add_argument("--num-classes", type=int, help="classifier outputs (default: the number of classes in --data)")
     p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),

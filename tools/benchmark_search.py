@@ -4,7 +4,7 @@ The baseline is the computation that the BlockSwap authors' search code does.
 For each candidate it builds and initialises the network, then runs one fp32
 forward and backward pass in the default (contiguous) memory layout with
 weight gradients on. It runs in this one process with torch's default thread
-count. Our search runs with its defaults (fast precision, one worker process
+count. Our search runs with its defaults (fast precision, one scoring thread
 per core).
 
 Printed, in one run on the same minibatch of real CIFAR-10:
@@ -15,14 +15,14 @@ Printed, in one run on the same minibatch of real CIFAR-10:
   after 50 candidates and at the end;
 * agreement with exact fp32 scoring over the first ``--agreement-samples``
   candidates: both winners and the Spearman correlation of the scores;
-* with ``--latency-samples N``: the winner of a search under the parameter
-  budget next to the winner under the same parameter budget plus a latency
-  budget of half the teacher's latency (batch 1, one thread), with measured
+* with ``--latency-samples N``: the winner of a search under a latency
+  budget of half the teacher's latency (batch 1, one thread) next to the
+  winner of a search under a parameter budget of the same size, with measured
   latency, parameters, MACs and Fisher potential.
 
-Memory is sampled every 0.1 s with psutil: RSS summed over this process and
-its worker processes (shared pages counted once per process, so an upper
-bound) and PSS summed the same way (shared pages split between processes).
+Memory is sampled every 0.1 s with psutil: RSS of this process (the search
+scores in threads of this process) and PSS (shared pages split between the
+processes that map them). Child processes, if any, are added to both.
 
 Example:
     python tools/benchmark_search.py --data ../shared/data/cifar10/train.tar
@@ -51,6 +51,7 @@ import timm  # noqa: E402
 
 import blockswap_plugin.timm  # noqa: E402,F401  (registers wrn_*)
 from blockswap_plugin.core.fisher import find_branch_points, fisher_from_activations  # noqa: E402
+from blockswap_plugin.core.flops import count_macs, count_params  # noqa: E402
 from blockswap_plugin.core.genotype import write_json_atomic  # noqa: E402
 from blockswap_plugin.core.init import init_paper_  # noqa: E402
 from blockswap_plugin.core.latency import device_name, load_or_build_latency_table, measure_latency  # noqa: E402
@@ -164,13 +165,12 @@ def run_search(space, build, images, labels, budgets, args, samples: int, precis
 
     def on_result(index: int, score: float) -> None:
         finish.append(time.perf_counter() - start)
-        if rss_at is not None and len(finish) == rss_at:
-            rss_marks[rss_at] = MemorySampler.current()
+        if len(finish) in (rss_at, samples):
+            rss_marks[len(finish)] = MemorySampler.current()
 
     with MemorySampler() as memory:
         result = search(space, build, images, labels, samples, budgets, args.seed, progress=not args.quiet,
                         precision=precision, refine_top=refine_top, workers=args.workers, on_result=on_result)
-        rss_marks[samples] = MemorySampler.current()
     return {"result": result, "finish": finish, "seconds": time.perf_counter() - start,
             "peak_rss": memory.peak_rss, "peak_pss": memory.peak_pss, "rss_marks": rss_marks}
 
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2,
                         help="candidates per process left out of the marginal time as start-up (default: 2)")
     parser.add_argument("--precision", default="auto", help="precision of our search (default: auto)")
-    parser.add_argument("--workers", type=int, help="worker processes of our search (default: one per core)")
+    parser.add_argument("--workers", type=int, help="candidates our search scores at once (default: one per core)")
     parser.add_argument("--latency-samples", type=int, default=0,
                         help="candidates of each search in the latency-budget comparison (default: 0, skipped)")
     parser.add_argument("--skip-speed", action="store_true",
@@ -267,14 +267,14 @@ def main(argv=None) -> int:
             "exact_marginal_s": marginal_seconds(exact["finish"], args.warmup * workers),
         }
 
-    if args.latency_samples:
-        figures["latency"] = latency_comparison(model, space, build, images, labels, args)
-
     print_report(figures)
-    if "latency" in figures:
-        print_latency(figures["latency"])
     if args.json:
         write_json_atomic(args.json, figures)
+    if args.latency_samples:
+        figures["latency"] = latency_comparison(model, space, build, images, labels, args)
+        print_latency(figures["latency"])
+        if args.json:
+            write_json_atomic(args.json, figures)
     return 0
 
 
@@ -284,6 +284,8 @@ def print_latency(latency: Dict) -> None:
           f"({latency['table_teacher_ms']:.2f} ms when the table was made); latency budget {latency['limit_ms']:.2f} ms")
     print("| student | latency measured (ms) | latency predicted (ms) | params | MACs | Fisher potential |")
     print("|---|---|---|---|---|---|")
+    print(f"| teacher | {latency['teacher_ms']:.2f} | {latency['table_teacher_ms']:.2f} | "
+          f"{latency['teacher_params']:,} | {latency['teacher_macs'] / 1e6:.1f} M | |")
     for row in latency["rows"]:
         print(f"| {row['search']} | {row['measured_ms']:.2f} | {row['predicted_ms']:.2f} | {row['params']:,} | "
               f"{row['macs'] / 1e6:.1f} M | {row['fisher']:.4g} |")
@@ -292,24 +294,37 @@ def print_latency(latency: Dict) -> None:
 
 
 def latency_comparison(model, space, build, images, labels, args) -> Dict:
-    """Search under the parameter budget alone and with a latency budget of half the teacher's latency."""
+    """Search under a latency budget of half the teacher's, then under a parameter budget of the same size.
+
+    The first search keeps only students whose predicted latency (batch 1,
+    one thread) is at most half the teacher's; the second keeps students
+    within 2.5 % of the first winner's parameter count, as a plain parameter
+    budget would. Both winners are then timed on the device.
+    """
     # One thread: its latency is measured as thread CPU time, which other jobs
     # on a shared machine barely disturb.
     threads = 1
     table = load_or_build_latency_table(space, model, batch_size=1, num_threads=threads, progress=not args.quiet)
     tables = {"latency_ms": table.cost_table()}
-    params = Budget("params", args.budget_params)
     latency = Budget("latency_ms", table.teacher_ms / 2, kind="max")
     rows = []
-    for name, budgets in (("parameter budget", [params]), ("parameter + latency budget", [params, latency])):
+
+    def run(name: str, budgets: List[Budget]) -> Dict:
         result = search(space, build, images, labels, args.latency_samples, budgets, args.seed,
                         progress=not args.quiet, workers=args.workers, cost_tables=tables)
         best = result.best
         measured = measure_latency(build(best.blocks), (1, 3, 32, 32), num_threads=threads, min_run_time=1.0)
-        rows.append({"search": name, "params": best.params, "macs": best.macs, "fisher": best.score,
-                     "predicted_ms": best.costs["latency_ms"], "measured_ms": measured, "blocks": best.blocks})
+        row = {"search": name, "params": best.params, "macs": best.macs, "fisher": best.score,
+               "predicted_ms": best.costs["latency_ms"], "measured_ms": measured, "blocks": best.blocks,
+               "seconds": result.seconds}
+        rows.append(row)
+        return row
+
+    fast = run(f"latency budget {latency.target:.2f} ms", [latency])
+    run(f"parameter budget {fast['params']:,} +-2.5 %", [Budget("params", fast["params"])])
     teacher_ms = measure_latency(model, (1, 3, 32, 32), num_threads=threads, min_run_time=1.0)
     return {"teacher_ms": teacher_ms, "table_teacher_ms": table.teacher_ms, "limit_ms": latency.target,
+            "teacher_params": count_params(model), "teacher_macs": count_macs(model, (1, 3, 32, 32)),
             "threads": threads, "rows": rows}
 
 
@@ -325,8 +340,8 @@ def print_report(f: Dict) -> None:
     print("|---|---|---|---|")
     print(f"| baseline | fp32, contiguous, weight grads, 1 process x {b['threads']} threads, "
           f"{b['candidates']} candidates | {b['marginal_s']:.3f} | RSS {b['peak_rss_gb']:.2f} GB |")
-    print(f"| ours | {o['precision']}, channels-last, activation grads only, {o['workers']} processes x "
-          f"{o['threads']} thread, {o['candidates']} candidates | {o['marginal_s']:.3f} | "
+    print(f"| ours | {o['precision']}, channels-last, activation grads only, {o['workers']} threads x "
+          f"{o['threads']} intra-op thread, {o['candidates']} candidates | {o['marginal_s']:.3f} | "
           f"RSS {o['peak_rss_gb']:.2f} GB (PSS {o['peak_pss_gb']:.2f} GB) |")
     print()
     print(f"ratio: {f['ratio']:.1f}x")

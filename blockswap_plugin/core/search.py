@@ -5,7 +5,7 @@ Every candidate is built fresh and initialised as in the BlockSwap paper
 minibatch. Which genotypes are drawn depends only on the seed, and candidate
 ``i`` is initialised from a seed derived from ``(seed, i)``, so a search is
 reproducible and its scores do not depend on how the work is split: over
-local worker processes (:mod:`~blockswap_plugin.core.workers`) or over
+local scoring threads (:mod:`~blockswap_plugin.core.workers`) or over
 ``torch.distributed`` ranks (:mod:`~blockswap_plugin.core.sharding`).
 
 With a fast precision (:mod:`~blockswap_plugin.core.scoring`) the
@@ -16,6 +16,7 @@ of the ranking has an exact score, so the winner's score is always exact.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
@@ -37,6 +38,15 @@ from .workers import available_cores, check_num_workers, default_num_workers, sc
 __all__ = ["Candidate", "SearchResult", "candidate_seed", "score_candidate", "search"]
 
 _logger = logging.getLogger(__name__)
+
+# Seeding torch's global generator and initialising from it must not
+# interleave between scoring threads, or a candidate's weights would depend
+# on the other threads' timing.
+# NOTE: scoring itself runs outside the lock, so a candidate that draws random
+# numbers in its forward pass (dropout in train mode) gets draws that depend
+# on thread timing. The registered wide ResNets have none at their default
+# drop rates of 0.
+_INIT_LOCK = threading.Lock()
 
 # Builds a fresh network for a list of canonical block names.
 CandidateBuilder = Callable[[Sequence[str]], nn.Module]
@@ -151,8 +161,9 @@ def score_candidate(
         device: Device to score on; the builder's device when omitted.
         scorer: Scores the built network; the exact fp32 reference when omitted.
     """
-    torch.manual_seed(seed)
-    model = init_paper_(build_candidate(blocks))
+    with _INIT_LOCK:
+        torch.manual_seed(seed)
+        model = init_paper_(build_candidate(blocks))
     if scorer is not None:
         return scorer.score(model)
     if device is not None:
@@ -185,7 +196,7 @@ def _score_sharded(
     description: str,
     on_result: Optional[Callable[[int, float], None]],
 ) -> Dict[int, float]:
-    """Score this rank's share of ``indices`` (in worker processes) and gather every rank's scores."""
+    """Score this rank's share of ``indices`` (in scoring threads) and gather every rank's scores."""
     local = shard.indices(indices)
 
     def score_one(index: int) -> float:
@@ -239,7 +250,7 @@ def search(
         refine_top: With a precision other than ``"exact"``, score this many
             of the best candidates again in exact fp32 and pick the winner
             among them by exact score; 0 turns this off.
-        workers: Scoring processes on this rank; by default one per CPU core
+        workers: Candidates scored at once on this rank; by default one per CPU core
             (shared among the ranks on the machine), 1 on accelerators.
         cost_tables: Extra per-site cost tables by metric name (for example
             ``{"latency_ms": table.cost_table()}``) that budgets may refer to.
@@ -285,9 +296,12 @@ def search(
     if precision != "exact" and refine_top > 0:
         exact = FisherScorer(images, labels, "exact", device)
         todo = [c.index for c in sorted(candidates, key=lambda c: (-c.score, c.index))[:refine_top]]
+        # One candidate at a time: an exact pass keeps fp32 activations and
+        # copies of every branch output, several times a bf16 pass.
+        exact_common = dict(common, num_workers=1)
         while todo:
             exact_scores = _score_sharded(
-                indices=todo, scorer=exact, description="exact rescoring", on_result=None, **common
+                indices=todo, scorer=exact, description="exact rescoring", on_result=None, **exact_common
             )
             for index, score in exact_scores.items():
                 candidates[index].score = candidates[index].scores["exact"] = score

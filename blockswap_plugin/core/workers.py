@@ -1,12 +1,15 @@
-"""Local worker processes that score candidates on all CPU cores of one machine.
+"""Scoring threads that use all CPU cores of one machine.
 
-Small grouped convolutions scale poorly over threads, so a search on CPU runs
-one single-threaded worker process per core. Workers are started with
-``fork``: the candidate builder, the minibatch and the scorer are inherited,
-not pickled, so builders that are closures work. Where ``fork`` is missing
-(Windows, or a CUDA device, which cannot be used after a fork) scoring runs
-in the calling process instead. This module does not build or score
-candidates itself. It runs ``score_one(index)`` for a list of indices.
+Small grouped convolutions scale poorly over the intra-op threads of one
+operator, so a search on CPU scores one candidate per core at the same time,
+each with a single intra-op thread. The candidates run in threads of the
+calling process: torch releases the GIL inside its operators, the imported
+libraries (about 700 MB of torch and timm) are resident once, and builders
+that are closures need no pickling. On 2 cores this was faster than one
+forked worker process per core (0.38 against 0.52 s per WRN-40-2 candidate
+in bf16, ``docs/benchmarks.md``). On accelerators scoring runs one candidate
+at a time. This module does not build or score candidates itself;
+it runs ``score_one(index)`` for a list of indices.
 """
 from __future__ import annotations
 
@@ -14,15 +17,11 @@ import ctypes
 import ctypes.util
 import logging
 import os
-import queue
-import signal
-import sys
-import traceback
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, Optional, Sequence
 
 import torch
-import torch.multiprocessing as mp
 
 from .errors import BlockSwapError
 
@@ -30,8 +29,11 @@ __all__ = ["available_cores", "check_num_workers", "default_num_workers", "limit
 
 _logger = logging.getLogger(__name__)
 
-# Seconds between liveness checks of the workers while waiting for a result.
-_POLL_SECONDS = 5.0
+# Freed heap memory goes back to the OS after this many candidates. Trimming
+# after every candidate kept the resident size lowest but made each candidate
+# fault its activation pages in again: 0.54 instead of 0.38 s per WRN-40-2
+# candidate on 2 cores.
+TRIM_EVERY = 50
 
 
 def available_cores() -> int:
@@ -62,16 +64,12 @@ def limit_threads(num_threads: Optional[int]) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def _fork_available() -> bool:
-    return "fork" in mp.get_all_start_methods()
-
-
 def _malloc_trim() -> Callable[[], None]:
     """Return a function that hands freed heap memory back to the OS (glibc), else a no-op.
 
     Each candidate allocates and frees several hundred MB of activations.
     Without trimming, glibc keeps the fragmented heap, so the resident size
-    of a worker grows over the first candidates.
+    grows over the first candidates. See ``TRIM_EVERY``.
     """
     name = ctypes.util.find_library("c")
     try:
@@ -83,31 +81,6 @@ def _malloc_trim() -> Callable[[], None]:
     return lambda: trim(0)
 
 
-def _exit_with_parent() -> None:
-    """Ask Linux to send this process SIGTERM when its parent dies, so no worker outlives a killed search."""
-    name = ctypes.util.find_library("c")
-    if not sys.platform.startswith("linux") or not name:
-        return
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(name).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
-
-
-def _worker_main(score_one: Callable[[int], float], tasks, results, num_threads: int) -> None:
-    _exit_with_parent()
-    torch.set_num_threads(num_threads)
-    release_memory = _malloc_trim()
-    while True:
-        index = tasks.get()
-        if index is None:
-            return
-        try:
-            results.put((index, float(score_one(index)), None))
-        except BaseException:  # reported to the parent, which raises
-            results.put((index, None, traceback.format_exc()))
-            return
-        release_memory()
-
-
 def score_indices(
     score_one: Callable[[int], float],
     indices: Sequence[int],
@@ -116,91 +89,71 @@ def score_indices(
     device: torch.device = torch.device("cpu"),
     on_result: Optional[Callable[[int, float], None]] = None,
 ) -> Dict[int, float]:
-    """Call ``score_one`` for every index, in ``num_workers`` forked processes when that helps.
+    """Call ``score_one`` for every index, ``num_workers`` at a time on CPU.
 
     Args:
-        score_one: Returns the score of one index; it must not depend on
-            which process runs it.
+        score_one: Returns the score of one index. It must be safe to call
+            from several threads at once, and its result must not depend on
+            which thread runs it.
         indices: Indices to score.
-        num_workers: Worker processes; 1 scores in the calling process.
-        num_threads: Torch threads per worker (or for the calling process
-            when ``num_workers`` is 1); None keeps the current setting.
-        device: Scoring device; anything but CPU scores in the calling process.
-        on_result: Called in the calling process with ``(index, score)`` as
+        num_workers: Candidates scored at the same time (threads); 1 scores
+            them one after another in the calling thread.
+        num_threads: Torch intra-op threads for the duration of the call
+            (a process-wide setting); None keeps the current one.
+        device: Scoring device; anything but CPU scores one at a time.
+        on_result: Called in the calling thread with ``(index, score)`` as
             each result arrives.
 
     Returns:
         The score of every index.
 
     Raises:
-        RuntimeError: If a worker fails or dies; the worker's traceback is included.
+        RuntimeError: If scoring an index fails; the message names the index
+            and the original error is chained.
     """
     indices = list(indices)
     on_result = on_result or (lambda index, score: None)
-    in_process = num_workers <= 1 or len(indices) <= 1 or torch.device(device).type != "cpu"
-    if not in_process and not _fork_available():
-        _logger.warning("fork is not available on this platform; scoring in one process")
-        in_process = True
-    if in_process:
-        scores = {}
-        release_memory = _malloc_trim()
-        with limit_threads(num_threads):
-            for index in indices:
-                scores[index] = float(score_one(index))
-                release_memory()
-                on_result(index, scores[index])
-        return scores
-    return _score_in_workers(score_one, indices, min(num_workers, len(indices)), num_threads or 1, on_result)
-
-
-def _score_in_workers(
-    score_one: Callable[[int], float],
-    indices: Sequence[int],
-    num_workers: int,
-    num_threads: int,
-    on_result: Callable[[int, float], None],
-) -> Dict[int, float]:
-    context = mp.get_context("fork")
-    tasks = context.SimpleQueue()
-    results = context.Queue()
-    for index in indices:
-        tasks.put(index)
-    for _ in range(num_workers):
-        tasks.put(None)
-    workers = [
-        context.Process(target=_worker_main, args=(score_one, tasks, results, num_threads), daemon=True)
-        for _ in range(num_workers)
-    ]
-    for worker in workers:
-        worker.start()
-    _logger.debug("started %d worker processes with %d thread(s) each", num_workers, num_threads)
+    release_memory = _malloc_trim()
+    # Start from a trimmed heap, so that memory freed before the search is
+    # not held on top of the candidates' activations.
+    release_memory()
     scores: Dict[int, float] = {}
-    try:
-        while len(scores) < len(indices):
+    one_at_a_time = num_workers <= 1 or len(indices) <= 1 or torch.device(device).type != "cpu"
+    with limit_threads(num_threads):
+        if one_at_a_time:
+            for index in indices:
+                scores[index] = _call(score_one, index)
+                if len(scores) % TRIM_EVERY == 0:
+                    release_memory()
+                on_result(index, scores[index])
+            release_memory()
+            return scores
+        num_workers = min(num_workers, len(indices))
+        _logger.debug("scoring %d candidates in %d threads", len(indices), num_workers)
+        with ThreadPoolExecutor(num_workers, thread_name_prefix="blockswap-score") as pool:
+            pending = {pool.submit(_call, score_one, index): index for index in indices}
             try:
-                index, score, error = results.get(timeout=_POLL_SECONDS)
-            except queue.Empty:
-                dead = [w.pid for w in workers if w.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(
-                        f"worker process(es) {dead} died while scoring (out of memory?); "
-                        "run with --workers 1 to see the error in this process"
-                    ) from None
-                continue
-            if error is not None:
-                raise RuntimeError(f"scoring candidate {index} failed in a worker process:\n{error}")
-            scores[index] = score
-            on_result(index, score)
-    except BaseException:
-        for worker in workers:
-            if worker.is_alive():
-                worker.terminate()
-        raise
-    finally:
-        for worker in workers:
-            worker.join(timeout=_POLL_SECONDS)
-        results.close()
+                while pending:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        index = pending.pop(future)
+                        scores[index] = future.result()
+                        if len(scores) % TRIM_EVERY == 0:
+                            release_memory()
+                        on_result(index, scores[index])
+            except BaseException:
+                # Candidates already running finish; the queued ones are dropped.
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    release_memory()
     return scores
+
+
+def _call(score_one: Callable[[int], float], index: int) -> float:
+    try:
+        return float(score_one(index))
+    except Exception as error:
+        raise RuntimeError(f"scoring candidate {index} failed: {type(error).__name__}: {error}") from error
 
 
 def check_num_workers(num_workers: Optional[int]) -> None:

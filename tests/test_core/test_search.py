@@ -1,4 +1,6 @@
-"""The search loop: worker processes, exact rescoring of the top, budgets from cost tables, errors."""
+"""The search loop: scoring threads, exact rescoring of the top, budgets from cost tables, errors."""
+import threading
+
 import pytest
 import timm
 import torch
@@ -7,6 +9,7 @@ import blockswap_plugin.timm  # noqa: F401  (registers wrn_*)
 from blockswap_plugin.core.errors import BlockSwapError
 from blockswap_plugin.core.sampler import Budget, check_budgets, genotype_cost, sample_genotypes
 from blockswap_plugin.core.search import candidate_seed, score_candidate, search
+from blockswap_plugin.core.workers import score_indices
 from blockswap_plugin.timm.spaces import create_space
 
 BUDGET = [Budget("params", 150_000)]
@@ -51,6 +54,28 @@ def test_worker_error_is_raised(space_and_builder, cifar_batch):
 
     with pytest.raises(RuntimeError, match="cannot build this candidate"):
         search(space, broken_builder, images, labels, 3, BUDGET, progress=False, workers=2)
+
+
+def test_scoring_threads_report_in_the_calling_thread():
+    caller = threading.get_ident()
+    threads_before = torch.get_num_threads()
+    seen = []
+    scores = score_indices(lambda i: 2.0 * i, range(7), num_workers=2, num_threads=1,
+                           on_result=lambda i, s: seen.append((threading.get_ident(), i, s)))
+    assert scores == {i: 2.0 * i for i in range(7)}
+    assert sorted(i for _, i, _ in seen) == list(range(7))
+    assert {thread for thread, _, _ in seen} == {caller}
+    assert torch.get_num_threads() == threads_before
+
+
+def test_scoring_thread_error_names_the_candidate():
+    def score_one(index):
+        if index == 3:
+            raise ValueError("no such block")
+        return 1.0
+
+    with pytest.raises(RuntimeError, match="candidate 3 failed: ValueError: no such block"):
+        score_indices(score_one, range(20), num_workers=2)
 
 
 def test_invalid_settings_raise(space_and_builder, cifar_batch):
