@@ -290,15 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score this many of the best candidates again in exact fp32 and pick the winner among "
                         "them (default: 8; 0 turns it off; ignored with --precision exact)")
     p.add_argument("--workers", type=int,
-                   help="candidates scored at once per rank, one thread each (default: one per CPU core, shared "
-                        "among local ranks)")
+                   help="candidates scored at once per rank, each on one CPU thread, so also the cores used "
+                        "(default: one per CPU core, shared among local ranks)")
     p.add_argument("--device", default="cpu", help="device to score on: cpu or cuda (default: cpu)")
     p.add_argument("--num-classes", type=int, help="classifier outputs (default: the number of classes in --data)")
     p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
                    help="input size (default: the model's pretrained_cfg input size)")
     p.add_argument("--top", type=int, default=10, help="rows of the printed ranking (default: 10)")
     p.add_argument("--quiet", "-q", action="store_true", help="hide the progress bar")
-    p.add_argument("--out", required=True, help="JSON file for the result")
+    p.add_argument("--out", required=True, help="JSON file for the result; missing folders are created")
     p.set_defaults(func=cmd_search)
     return parser
 

@@ -55,7 +55,7 @@ from blockswap_plugin.core.flops import count_macs, count_params  # noqa: E402
 from blockswap_plugin.core.genotype import write_json_atomic  # noqa: E402
 from blockswap_plugin.core.init import init_paper_  # noqa: E402
 from blockswap_plugin.core.latency import device_name, load_or_build_latency_table, measure_latency  # noqa: E402
-from blockswap_plugin.core.workers import limit_threads  # noqa: E402
+from blockswap_plugin.core.workers import default_num_workers, limit_threads  # noqa: E402
 from blockswap_plugin.core.sampler import Budget, sample_genotypes  # noqa: E402
 from blockswap_plugin.core.scoring import spearman  # noqa: E402
 from blockswap_plugin.core.search import candidate_seed, search  # noqa: E402
@@ -200,7 +200,8 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline-threads", type=int,
                         help="torch threads of the baseline (default: torch's default, one per core)")
     parser.add_argument("--warmup", type=int, default=2,
-                        help="candidates per process left out of the marginal time as start-up (default: 2)")
+                        help="timing starts when candidate WARMUP+1 of the baseline, and of each scoring thread "
+                             "of our search, finishes (default: 2)")
     parser.add_argument("--precision", default="auto", help="precision of our search (default: auto)")
     parser.add_argument("--workers", type=int, help="candidates our search scores at once (default: one per core)")
     parser.add_argument("--latency-samples", type=int, default=0,
@@ -210,9 +211,23 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write all figures to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
+    if args.warmup < 0:
+        parser.error(f"--warmup must be 0 or more, got {args.warmup}")
+    if not args.skip_speed:
+        # The marginal time needs at least two timed finishes after the warm-up ones.
+        workers = args.workers or default_num_workers(torch.device("cpu"))
+        if args.baseline_samples < args.warmup + 2:
+            parser.error(f"--baseline-samples must be at least --warmup + 2 = {args.warmup + 2}, "
+                         f"got {args.baseline_samples}")
+        if args.samples < args.warmup * workers + 2:
+            parser.error(f"--samples must be at least --warmup x scoring threads + 2 = "
+                         f"{args.warmup * workers + 2}, got {args.samples}")
+        if 0 < min(args.agreement_samples, args.samples) < args.warmup * workers + 2:
+            parser.error(f"--agreement-samples must be 0 or at least {args.warmup * workers + 2}, "
+                         f"got {args.agreement_samples}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    print(f"machine: {machine_description()}")
+    print(f"machine at start: {machine_description()}")
     images, labels, num_classes = load_minibatch(args.data, args.batch_size, args.seed, (3, 32, 32))
     model = timm.create_model(args.model, num_classes=num_classes)
     space, build = create_space(model, (3, 32, 32))
@@ -297,7 +312,7 @@ def latency_comparison(model, space, build, images, labels, args) -> Dict:
     """Search under a latency budget of half the teacher's, then under a parameter budget of the same size.
 
     The first search keeps only students whose predicted latency (batch 1,
-    one thread) is at most half the teacher's; the second keeps students
+    one thread) is at most half the teacher's. The second keeps students
     within 2.5 % of the first winner's parameter count, as a plain parameter
     budget would. Both winners are then timed on the device.
     """
@@ -333,22 +348,23 @@ def print_report(f: Dict) -> None:
     marks = o["rss_gb_at"]
     first, last = sorted(marks, key=int)[0], sorted(marks, key=int)[-1]
     print()
-    print(f"machine: {f['machine']}")
+    print(f"machine at end: {f['machine']}")
     print(f"{f['model']}, budget {f['budget_params']:,.0f} params, batch {f['batch_size']}")
     print()
-    print("| search | setting | s / candidate (marginal) | peak memory |")
+    print("| search | setting | s / candidate (marginal) | peak RSS |")
     print("|---|---|---|---|")
     print(f"| baseline | fp32, contiguous, weight grads, 1 process x {b['threads']} threads, "
-          f"{b['candidates']} candidates | {b['marginal_s']:.3f} | RSS {b['peak_rss_gb']:.2f} GB |")
+          f"{b['candidates']} candidates | {b['marginal_s']:.3f} | {b['peak_rss_gb']:.2f} GB |")
     print(f"| ours | {o['precision']}, channels-last, activation grads only, {o['workers']} threads x "
           f"{o['threads']} intra-op thread, {o['candidates']} candidates | {o['marginal_s']:.3f} | "
-          f"RSS {o['peak_rss_gb']:.2f} GB (PSS {o['peak_pss_gb']:.2f} GB) |")
+          f"{o['peak_rss_gb']:.2f} GB |")
     print()
-    print(f"ratio: {f['ratio']:.1f}x")
+    print(f"ratio (baseline s / candidate over ours): {f['ratio']:.1f}x")
     print(f"our search end to end: {o['end_to_end_s']:.1f} s for {o['candidates']} candidates "
           "(sampling, scoring, exact rescoring of the top 8)")
-    print(f"RSS after {first} candidates: {marks[first]:.2f} GB; after {last}: {marks[last]:.2f} GB "
-          f"({100 * (marks[last] / marks[first] - 1):+.1f} %)")
+    if first != last:
+        print(f"RSS after {first} candidates: {marks[first]:.2f} GB; after {last}: {marks[last]:.2f} GB "
+              f"({100 * (marks[last] / marks[first] - 1):+.1f} %)")
     if "agreement" in f:
         a = f["agreement"]
         print(f"agreement over the first {a['candidates']} candidates: Spearman {a['spearman']:.4f}; "
