@@ -271,9 +271,9 @@ def search(
     cost_tables = dict(cost_tables or {})
     shard = current_shard(group)
     num_workers = workers or default_num_workers(device, shard.local_world_size)
-    # One intra-op thread per candidate on CPU whatever the worker count: bf16
-    # scores change by up to 10 % with the thread count (the reduction order
-    # of oneDNN kernels), and they should depend on the seed alone.
+    # One intra-op thread per candidate on CPU, whatever the worker count,
+    # because bf16 scores moved by up to 10 % between one and two intra-op
+    # threads in a measured run. Scores should depend on the seed alone.
     num_threads = 1 if device.type == "cpu" else None
     _logger.info(
         "search started: %s, %d candidates, budgets %s, seed %d, precision %s, rank %d of %d, "

@@ -118,35 +118,42 @@ def score_indices(
     # not held on top of the candidates' activations.
     release_memory()
     scores: Dict[int, float] = {}
+
+    def record(index: int, score: float) -> None:
+        scores[index] = score
+        if len(scores) % TRIM_EVERY == 0:
+            release_memory()
+        on_result(index, score)
+
     one_at_a_time = num_workers <= 1 or len(indices) <= 1 or torch.device(device).type != "cpu"
     with limit_threads(num_threads):
         if one_at_a_time:
             for index in indices:
-                scores[index] = _call(score_one, index)
-                if len(scores) % TRIM_EVERY == 0:
-                    release_memory()
-                on_result(index, scores[index])
-            release_memory()
-            return scores
-        num_workers = min(num_workers, len(indices))
-        _logger.debug("scoring %d candidates in %d threads", len(indices), num_workers)
-        with ThreadPoolExecutor(num_workers, thread_name_prefix="blockswap-score") as pool:
-            pending = {pool.submit(_call, score_one, index): index for index in indices}
-            try:
-                while pending:
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        index = pending.pop(future)
-                        scores[index] = future.result()
-                        if len(scores) % TRIM_EVERY == 0:
-                            release_memory()
-                        on_result(index, scores[index])
-            except BaseException:
-                # Candidates already running finish; the queued ones are dropped.
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
+                record(index, _call(score_one, index))
+        else:
+            _score_in_threads(score_one, indices, min(num_workers, len(indices)), record)
     release_memory()
     return scores
+
+
+def _score_in_threads(
+    score_one: Callable[[int], float], indices: Sequence[int], num_workers: int,
+    record: Callable[[int, float], None],
+) -> None:
+    """Score ``indices`` in ``num_workers`` threads and pass each result to ``record`` in the calling thread."""
+    _logger.debug("scoring %d candidates in %d threads", len(indices), num_workers)
+    with ThreadPoolExecutor(num_workers, thread_name_prefix="blockswap-score") as pool:
+        pending = {pool.submit(_call, score_one, index): index for index in indices}
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    index = pending.pop(future)
+                    record(index, future.result())
+        except BaseException:
+            # Candidates already running finish; the queued ones are dropped.
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def _call(score_one: Callable[[int], float], index: int) -> float:
