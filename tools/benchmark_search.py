@@ -52,6 +52,7 @@ import timm  # noqa: E402
 import blockswap_plugin.timm  # noqa: E402,F401  (registers wrn_*)
 from blockswap_plugin.core.fisher import find_branch_points, fisher_from_activations  # noqa: E402
 from blockswap_plugin.core.flops import count_macs, count_params  # noqa: E402
+from blockswap_plugin.core.fused import fused_kernel  # noqa: E402
 from blockswap_plugin.core.genotype import write_json_atomic  # noqa: E402
 from blockswap_plugin.core.init import init_paper_  # noqa: E402
 from blockswap_plugin.core.latency import device_name, load_or_build_latency_table, measure_latency  # noqa: E402
@@ -175,6 +176,14 @@ def run_search(space, build, images, labels, budgets, args, samples: int, precis
             "peak_rss": memory.peak_rss, "peak_pss": memory.peak_pss, "rss_marks": rss_marks}
 
 
+def rewrites_in_use() -> str:
+    """Describe the candidate rewrites that CPU scoring applies in this process."""
+    parts = ["merged conv groups", "weight-only conv backward"]
+    if fused_kernel() is not None:
+        parts.insert(0, "fused BN+ReLU kernel")
+    return " + ".join(parts)
+
+
 def machine_description() -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     return (f"{device_name(torch.device('cpu'))}, {psutil.cpu_count()} cores, "
@@ -260,7 +269,7 @@ def main(argv=None) -> int:
                  "peak_rss_gb": ours["peak_rss"] / GB, "peak_pss_gb": ours["peak_pss"] / GB,
                  "rss_gb_at": {str(k): v["rss"] / GB for k, v in ours["rss_marks"].items()},
                  "pss_gb_at": {str(k): v["pss"] / GB for k, v in ours["rss_marks"].items()},
-                 "winner": result.best.index},
+                 "winner": result.best.index, "rewrites": rewrites_in_use()},
         "ratio": base_marginal / ours_marginal,
     }
 
@@ -355,7 +364,8 @@ def print_report(f: Dict) -> None:
     print("|---|---|---|---|")
     print(f"| baseline | fp32, contiguous, weight grads, 1 process x {b['threads']} threads, "
           f"{b['candidates']} candidates | {b['marginal_s']:.3f} | {b['peak_rss_gb']:.2f} GB |")
-    print(f"| ours | {o['precision']}, channels-last, activation grads only, {o['workers']} threads x "
+    print(f"| ours | {o['precision']}, channels-last, activation grads only, {o.get('rewrites', 'no rewrites')}, "
+          f"{o['workers']} threads x "
           f"{o['threads']} intra-op thread, {o['candidates']} candidates | {o['marginal_s']:.3f} | "
           f"{o['peak_rss_gb']:.2f} GB |")
     print()

@@ -21,6 +21,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch.nn as nn
 
+from .fused import register_batchnorm_relu_pairs
+
 __all__ = [
     "BlockType",
     "register_block_type",
@@ -132,6 +134,9 @@ class GroupedSeparableConv(nn.Module):
         return self.pointwise(self.act(self.bn(self.grouped(x))))
 
 
+register_batchnorm_relu_pairs(GroupedSeparableConv, [("bn", "act")])
+
+
 class BottleneckBranch(nn.Module):
     """A 1x1 ``i -> m``, BN, ReLU, grouped 3x3 ``m -> m`` (strided), BN, ReLU, 1x1 ``m -> o`` branch."""
 
@@ -149,6 +154,9 @@ class BottleneckBranch(nn.Module):
         x = self.act1(self.bn1(self.reduce(x)))
         x = self.act2(self.bn2(self.conv(x)))
         return self.expand(x)
+
+
+register_batchnorm_relu_pairs(BottleneckBranch, [("bn1", "act1"), ("bn2", "act2")])
 
 
 def _standard_conv(in_channels: int, out_channels: int, stride: int) -> nn.Module:

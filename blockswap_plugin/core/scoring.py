@@ -12,7 +12,11 @@ cannot take:
   oneDNN runs faster on CPU;
 * with ``precision="bf16"`` the forward and backward passes run under bf16
   autocast, and the Fisher terms are summed in fp32;
-* the minibatch is converted once and reused for every candidate.
+* the minibatch is converted once and reused for every candidate;
+* on CPU, registered batch norm + ReLU pairs run as one compiled kernel and
+  grouped convolutions with narrow groups run with wider, block-diagonal
+  groups, and convolutions keep only their weights for the backward pass
+  (:mod:`~blockswap_plugin.core.fused`).
 
 Precisions (``PRECISIONS``):
 
@@ -33,6 +37,7 @@ import torch.nn.functional as F
 
 from .errors import BlockSwapError
 from .fisher import BranchPoint, find_branch_points, fisher_potential
+from .fused import drop_conv_inputs_, fuse_batchnorm_relu_, fused_kernel, merge_conv_groups_
 
 __all__ = ["PRECISIONS", "FisherScorer", "bf16_supported", "resolve_precision", "spearman"]
 
@@ -88,6 +93,8 @@ class FisherScorer:
         precision: One of ``PRECISIONS``.
         device: Device to score on; the images' device when omitted.
         channels_last: Use the channels-last memory format on the fast paths.
+        rewrite: Rewrite candidates for speed on CPU (fused batch norm + ReLU,
+            merged convolution groups); None does so on CPU fast paths.
 
     Example:
         >>> scorer = FisherScorer(images, labels, precision="auto")
@@ -101,6 +108,7 @@ class FisherScorer:
         precision: str = "auto",
         device: Optional[torch.device] = None,
         channels_last: bool = True,
+        rewrite: Optional[bool] = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else images.device
         self.precision = resolve_precision(precision, self.device)
@@ -110,6 +118,11 @@ class FisherScorer:
         self.labels = labels.detach().to(self.device)
         self.images = images.contiguous(memory_format=self.memory_format)
         self._copy_outputs = False
+        if rewrite is None:
+            rewrite = self.device.type == "cpu"
+        self.rewrite = bool(rewrite) and self.precision != "exact" and self.device.type == "cpu"
+        # Build or load the kernel now, not inside the first scoring thread.
+        self.kernel = fused_kernel() if self.rewrite else None
 
     def score(self, model: nn.Module) -> float:
         """Return the Fisher potential of ``model``; on the fast paths the model is changed for good.
@@ -130,6 +143,13 @@ class FisherScorer:
                 "built by blockswap_plugin or a supported timm/mmdet ResNet block"
             )
         model.requires_grad_(False)
+        if self.rewrite:
+            # Branch points keep their modules, so that the hooks below run.
+            keep = [point.module for point in points]
+            merge_conv_groups_(model)
+            if self.kernel is not None:
+                fuse_batchnorm_relu_(model, self.kernel, skip=keep)
+            drop_conv_inputs_(model, skip=keep)
         model.to(device=self.device, memory_format=self.memory_format)
         model.train()
         score = self._score_points(model, points, clone=self._copy_outputs)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..core.blocks import get_block_type
 from ..core.errors import BlockSwapError
 from ..core.fisher import BranchTap
+from ..core.fused import register_batchnorm_relu_pairs
 from ..core.init import init_paper_
 
 __all__ = ["PreActBlock", "WideResNet"]
@@ -69,6 +70,9 @@ class PreActBlock(nn.Module):
         if self.conv2 is not None:
             out = self.conv2(self.drop(self.act2(self.bn2(out))))
         return self.branch_out(out) + shortcut
+
+
+register_batchnorm_relu_pairs(PreActBlock, [("bn1", "act1"), ("bn2", "act2")])
 
 
 class WideResNet(nn.Module):
@@ -181,3 +185,6 @@ class WideResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+register_batchnorm_relu_pairs(WideResNet, [("norm", "act")])

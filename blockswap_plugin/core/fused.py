@@ -1,0 +1,359 @@
+"""Faster forms of a throwaway candidate for CPU scoring.
+
+A search scores hundreds of freshly built candidates, each once, on CPU.
+Two rewrites of such a candidate keep its function and cut the time of one
+forward and backward pass:
+
+* :func:`fuse_batchnorm_relu_` turns each declared ``BatchNorm2d`` + ``ReLU``
+  pair into one compiled kernel (``csrc/bn_relu_cpu.cpp``). Eager torch runs
+  them as two kernels and keeps both the batch norm input and the ReLU output
+  for the backward pass. The fused kernel reads its input twice, writes once,
+  and keeps only its input. Running statistics are not updated.
+* :func:`merge_conv_groups_` rewrites grouped 3x3 convolutions with few
+  channels per group as convolutions with fewer, wider groups whose weights
+  are block diagonal (zeros outside the original groups). oneDNN runs these
+  much faster on CPU than convolutions of 2 to 8 channels per group. The
+  products outside the original groups are exact zeros, so only the order of
+  the float sums changes.
+
+* :func:`drop_conv_inputs_` makes convolutions keep only their weight for
+  the backward pass. Without weight gradients the input gradient does not
+  need the input, but eager torch keeps it anyway; this halves the memory
+  kept per candidate.
+
+All rewrites are for networks that are scored and thrown away: they share
+weight storage with nothing and leave the model unfit for training.
+
+The kernel is compiled with :mod:`torch.utils.cpp_extension` on first use
+(about 45 s) and cached under ``$BLOCKSWAP_CACHE/extensions``;
+``tools/install.sh`` builds it ahead. Where it cannot be built (no C++
+compiler), scoring falls back to eager torch with a warning. Set
+``BLOCKSWAP_FUSED=0`` to turn the fused kernel off.
+
+Host modules declare their pairs with :func:`register_batchnorm_relu_pairs`.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Type
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "BatchNormReLU",
+    "InputGradConv2d",
+    "drop_conv_inputs_",
+    "fused_kernel",
+    "fuse_batchnorm_relu_",
+    "merge_conv_groups_",
+    "merged_group_count",
+    "register_batchnorm_relu_pairs",
+]
+
+_logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("csrc") / "bn_relu_cpu.cpp"
+_PAIRS: Dict[Type[nn.Module], Tuple[Tuple[str, str], ...]] = {}
+_LOCK = threading.Lock()
+_KERNEL: Optional[object] = None
+_KERNEL_TRIED = False
+
+
+def register_batchnorm_relu_pairs(cls: Type[nn.Module], pairs: Sequence[Tuple[str, str]]) -> None:
+    """Declare that ``cls.forward`` applies child ``relu`` directly to the output of child ``bn``.
+
+    Args:
+        cls: Module class.
+        pairs: ``(batch norm attribute, ReLU attribute)`` names; the ReLU must
+            take the batch norm's output and nothing else may use that output.
+    """
+    _PAIRS[cls] = tuple((str(bn), str(relu)) for bn, relu in pairs)
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("BLOCKSWAP_CACHE") or Path.home() / ".cache" / "blockswap-plugin")
+
+
+def _compile_flags() -> List[str]:
+    flags = ["-O3", "-std=c++20"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        # 512-bit vectors made the kernel about 20 % faster on an AVX-512 Xeon.
+        flags += ["-march=native", "-mprefer-vector-width=512"]
+    return flags
+
+
+def _build_name() -> str:
+    # -march=native code must not be loaded on another CPU, so the CPU's flags
+    # are part of the key, with the source, the compiler flags and the torch build.
+    flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            flags = next((line for line in info if line.startswith("flags")), "")
+    except OSError:
+        flags = platform.processor()
+    digest = hashlib.sha256()
+    parts = (_SOURCE.read_bytes(), " ".join(_compile_flags()).encode(), torch.__version__.encode(),
+             flags.encode(), platform.machine().encode())
+    for part in parts:
+        digest.update(part)
+    return f"blockswap_bn_relu_{digest.hexdigest()[:12]}"
+
+
+def fused_kernel() -> Optional[object]:
+    """Return the compiled batch norm + ReLU kernel, or None where it is turned off or cannot be built.
+
+    The first call in a process compiles the kernel if no cached build exists.
+    """
+    global _KERNEL, _KERNEL_TRIED
+    if os.environ.get("BLOCKSWAP_FUSED", "1") == "0":
+        return None
+    with _LOCK:
+        if _KERNEL is not None or _KERNEL_TRIED:
+            return _KERNEL
+        name = _build_name()
+        folder = _cache_root() / "extensions" / name
+        _KERNEL_TRIED = True
+        try:
+            # Importing cpp_extension warns that no CUDA runtime exists on CPU
+            # machines, which does not matter for a CPU kernel.
+            cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+            level = cpp_logger.level
+            cpp_logger.setLevel(logging.ERROR)
+            try:
+                from torch.utils import cpp_extension
+            finally:
+                cpp_logger.setLevel(level)
+
+            folder.mkdir(parents=True, exist_ok=True)
+            _logger.info(
+                "loading the fused batch norm + ReLU kernel from %s (compiled first if not cached, about 45 s)", folder
+            )
+            _KERNEL = cpp_extension.load(
+                name, [str(_SOURCE)], extra_cflags=_compile_flags(), build_directory=str(folder), verbose=False
+            )
+        except Exception as error:  # noqa: BLE001 - any build failure means: use eager torch
+            _logger.warning(
+                "could not build the fused batch norm + ReLU kernel (%s: %s); scoring uses eager torch, "
+                "which is slower. Install a C++ compiler, or set BLOCKSWAP_FUSED=0 to hide this warning.",
+                type(error).__name__, str(error).splitlines()[0] if str(error) else "",
+            )
+            _KERNEL = None
+        return _KERNEL
+
+
+class _BatchNormReLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, kernel):
+        y, mean, invstd = kernel.forward(x, weight, bias, eps)
+        ctx.save_for_backward(x, mean, invstd, weight, bias)
+        ctx.kernel = kernel
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mean, invstd, weight, bias = ctx.saved_tensors
+        return ctx.kernel.backward(grad, x, mean, invstd, weight, bias), None, None, None, None
+
+
+class BatchNormReLU(nn.Module):
+    """Batch norm in training mode followed by ReLU, in one CPU kernel, for scoring only.
+
+    Uses the batch norm's affine parameters and ``eps``; normalises with the
+    batch statistics and does not update running statistics. Inputs that the
+    kernel does not take (not 4-D, not CPU, not float32/bfloat16, or with
+    gradients for the affine parameters) go through eager torch.
+
+    Args:
+        bn: The batch norm to replace.
+        kernel: The compiled kernel (:func:`fused_kernel`).
+    """
+
+    def __init__(self, bn: nn.BatchNorm2d, kernel: object) -> None:
+        super().__init__()
+        self.bn = bn
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
+        usable = (
+            x.dim() == 4 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and bn.affine and not bn.weight.requires_grad and not bn.bias.requires_grad
+        )
+        if not usable:
+            return torch.relu(nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps))
+        return _BatchNormReLUFunction.apply(x, bn.weight, bn.bias, float(bn.eps), self.kernel)
+
+
+def fuse_batchnorm_relu_(model: nn.Module, kernel: Optional[object] = None, skip: Iterable[nn.Module] = ()) -> int:
+    """Replace every registered batch norm + ReLU pair in ``model`` by :class:`BatchNormReLU`.
+
+    The ReLU becomes an identity. Returns the number of pairs fused (0 when
+    the kernel is unavailable).
+
+    Args:
+        model: Network to rewrite in place.
+        kernel: The compiled kernel; :func:`fused_kernel` when omitted.
+        skip: Modules to leave as they are, such as modules that carry hooks
+            (the fused module does not call them, so their hooks would not run).
+    """
+    kernel = kernel or fused_kernel()
+    if kernel is None:
+        return 0
+    skipped = {id(module) for module in skip}
+    fused = 0
+    for module in model.modules():
+        for bn_name, relu_name in _PAIRS.get(type(module), ()):
+            bn = getattr(module, bn_name, None)
+            relu = getattr(module, relu_name, None)
+            if id(bn) in skipped or id(relu) in skipped:
+                continue
+            if type(bn) is nn.BatchNorm2d and isinstance(relu, nn.ReLU):
+                setattr(module, bn_name, BatchNormReLU(bn, kernel))
+                setattr(module, relu_name, nn.Identity())
+                fused += 1
+    return fused
+
+
+def merged_group_count(conv: nn.Conv2d) -> int:
+    """Number of groups :func:`merge_conv_groups_` gives ``conv`` on CPU.
+
+    NOTE: the thresholds come from oneDNN timings of bf16 3x3 convolutions on
+    one core of an AVX-512/AMX Xeon (``docs/benchmarks.md``). There,
+    convolutions with fewer than 16 input channels per group (32 at stride 2)
+    were slower than with wider groups, up to 19x for a strided depthwise one.
+    A depthwise convolution at stride 1 was fast and is kept. Other CPUs may
+    favour other thresholds.
+    """
+    groups = conv.groups
+    if groups == 1 or conv.kernel_size == (1, 1):
+        return groups
+    if groups == conv.in_channels == conv.out_channels and conv.stride == (1, 1):
+        return groups
+    width = 16 if conv.stride == (1, 1) else 32
+    fits = [d for d in range(1, groups + 1) if groups % d == 0 and conv.in_channels // d >= width]
+    return max(fits) if fits else 1
+
+
+def merge_conv_groups_(model: nn.Module) -> int:
+    """Rewrite grouped convolutions with narrow groups as block-diagonal ones with wider groups.
+
+    Every ``nn.Conv2d`` whose :func:`merged_group_count` is smaller than its
+    group count gets a zero-padded weight that does not require gradients.
+    Returns the number of convolutions rewritten.
+    """
+    merged = 0
+    for conv in model.modules():
+        if type(conv) is not nn.Conv2d or conv.groups == 1:
+            continue
+        new_groups = merged_group_count(conv)
+        if new_groups == conv.groups:
+            continue
+        weight = conv.weight.detach()
+        out_per_group = conv.out_channels // conv.groups
+        in_per_group = weight.shape[1]
+        per_merged = conv.groups // new_groups
+        dense = weight.new_zeros(conv.out_channels, in_per_group * per_merged, *weight.shape[2:])
+        for group in range(conv.groups):
+            rows = slice(group * out_per_group, (group + 1) * out_per_group)
+            start = (group % per_merged) * in_per_group
+            dense[rows, start:start + in_per_group] = weight[rows]
+        conv.weight = nn.Parameter(dense, requires_grad=False)
+        conv.groups = new_groups
+        merged += 1
+    return merged
+
+
+class _InputGradConv2dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding, dilation, groups):
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y = nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups)
+        ctx.save_for_backward(weight)
+        ctx.input_meta = (x.shape, x.dtype, x.device, _memory_format(x))
+        ctx.conv = (stride, padding, dilation, groups)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        shape, dtype, device, memory_format = ctx.input_meta
+        stride, padding, dilation, groups = ctx.conv
+        # Only the shape and layout of this stand-in input are read.
+        stand_in = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+        grad_input = torch.ops.aten.convolution_backward(
+            grad.to(dtype), stand_in, weight, None, list(stride), list(padding), list(dilation),
+            False, [0, 0], groups, [True, False, False],
+        )[0]
+        return grad_input, None, None, None, None, None
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class InputGradConv2d(nn.Module):
+    """A bias-free ``nn.Conv2d`` that keeps only its weight for the backward pass, for scoring only.
+
+    The backward pass returns the gradient of the input and no weight
+    gradient. Falls back to the wrapped convolution where its weight requires
+    gradients. :func:`drop_conv_inputs_` wraps only convolutions without bias,
+    with zero padding given as numbers.
+
+    Args:
+        conv: The convolution to wrap.
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        if conv.weight.requires_grad or x.dim() != 4:
+            return conv(x)
+        return _InputGradConv2dFunction.apply(x, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def drop_conv_inputs_(model: nn.Module, skip: Iterable[nn.Module] = ()) -> int:
+    """Wrap every bias-free ``nn.Conv2d`` of ``model`` in :class:`InputGradConv2d`; return how many.
+
+    Modules in ``skip`` stay as they are (the wrapper does not call the
+    convolution module, so hooks on it would not run).
+    """
+    skipped = {id(module) for module in skip}
+    targets = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is nn.Conv2d and child.bias is None and child.padding_mode == "zeros"
+        and not isinstance(child.padding, str) and id(child) not in skipped
+    ]
+    for parent, name, child in targets:
+        setattr(parent, name, InputGradConv2d(child))
+    return len(targets)
+
+
+def main() -> int:
+    """Build the kernel ahead of use (``python -m blockswap_plugin.core.fused``)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    kernel = fused_kernel()
+    if kernel is None:
+        print("fused batch norm + ReLU kernel: not available (see the warning above)")
+        return 1
+    print(f"fused batch norm + ReLU kernel: ready ({_build_name()})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
