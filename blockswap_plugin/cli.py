@@ -62,6 +62,14 @@ def cmd_blocks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernel(args: argparse.Namespace) -> int:
+    from .core.fused import kernel_status
+
+    ok, message = kernel_status()
+    print(message)
+    return 0 if ok else 1
+
+
 def cmd_count(args: argparse.Namespace) -> int:
     import json
 
@@ -252,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("blocks", help="list the block types of the candidate pool")
     p.set_defaults(func=cmd_blocks)
+
+    p = sub.add_parser(
+        "kernel",
+        help="build (first time, about 45 s) or load the fused CPU scoring kernel and print whether it works",
+    )
+    p.set_defaults(func=cmd_kernel)
 
     p = sub.add_parser("count", help="print parameters and MACs of a model or a student")
     p.add_argument("model", help="timm model name, for example wrn_40_2")

@@ -130,8 +130,8 @@ fi
 # 4. The fused batch norm + ReLU kernel that speeds up scoring on CPU
 # (about 45 s to compile, cached under $cache/extensions). Without a working
 # compiler the search still runs, more slowly, so a failure here only warns.
-if ! BLOCKSWAP_CACHE="$cache" "$py" -m blockswap_plugin.core.fused >/dev/null 2>&1; then
+if ! BLOCKSWAP_CACHE="$cache" "$venv/bin/blockswap" kernel >/dev/null 2>&1; then
     log "warning: could not build the fused scoring kernel; searches on CPU will be slower"
-    log "         (run '$py -m blockswap_plugin.core.fused' to see why)"
+    log "         (run '$venv/bin/blockswap kernel' to see why)"
 fi
 log "environment ready: $venv"

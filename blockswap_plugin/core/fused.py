@@ -25,8 +25,8 @@ All rewrites are for networks that are scored and thrown away: they share
 weight storage with nothing and leave the model unfit for training.
 
 The kernel is compiled with :mod:`torch.utils.cpp_extension` on first use
-(about 45 s) and cached under ``$BLOCKSWAP_CACHE/extensions``;
-``tools/install.sh`` builds it ahead. Where it cannot be built (no C++
+(about 45 s) and cached under ``$BLOCKSWAP_CACHE/extensions``.
+``tools/install.sh`` builds it ahead with ``blockswap kernel``. Where it cannot be built (no C++
 compiler), scoring falls back to eager torch with a warning. Set
 ``BLOCKSWAP_FUSED=0`` to turn the fused kernel off.
 
@@ -50,6 +50,7 @@ __all__ = [
     "InputGradConv2d",
     "drop_conv_inputs_",
     "fused_kernel",
+    "kernel_status",
     "fuse_batchnorm_relu_",
     "merge_conv_groups_",
     "merged_group_count",
@@ -344,16 +345,10 @@ def drop_conv_inputs_(model: nn.Module, skip: Iterable[nn.Module] = ()) -> int:
     return len(targets)
 
 
-def main() -> int:
-    """Build the kernel ahead of use (``python -m blockswap_plugin.core.fused``)."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    kernel = fused_kernel()
-    if kernel is None:
-        print("fused batch norm + ReLU kernel: not available (see the warning above)")
-        return 1
-    print(f"fused batch norm + ReLU kernel: ready ({_build_name()})")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def kernel_status() -> Tuple[bool, str]:
+    """Build or load the kernel; return False only if it failed, with a line that describes the state."""
+    if os.environ.get("BLOCKSWAP_FUSED", "1") == "0":
+        return True, "fused batch norm + ReLU kernel: turned off by BLOCKSWAP_FUSED=0"
+    if fused_kernel() is None:
+        return False, "fused batch norm + ReLU kernel: not available (see the warning above); scoring uses eager torch"
+    return True, f"fused batch norm + ReLU kernel: ready ({_cache_root() / 'extensions' / _build_name()})"

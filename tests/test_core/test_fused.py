@@ -31,7 +31,7 @@ def kernel():
         pytest.skip("BLOCKSWAP_FUSED=0 turns the fused kernel off")
     built = fused_kernel()
     # tools/install.sh builds the kernel; a machine with a compiler must have it.
-    assert built is not None, "the fused kernel did not build; run python -m blockswap_plugin.core.fused"
+    assert built is not None, "the fused kernel did not build; run blockswap kernel to see why"
     return built
 
 
@@ -165,3 +165,10 @@ def test_rewrites_leave_skipped_modules(kernel):
     assert drop_conv_inputs_(block, skip=[block.conv1]) == 1
     assert type(block.conv1) is nn.Conv2d
     assert isinstance(block.conv2, InputGradConv2d)
+
+
+def test_kernel_command_reports_ready(kernel, capsys):
+    from blockswap_plugin.cli import main
+
+    assert main(["kernel"]) == 0
+    assert "kernel: ready" in capsys.readouterr().out
