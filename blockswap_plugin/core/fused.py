@@ -120,31 +120,36 @@ def fused_kernel() -> Optional[object]:
         name = _build_name()
         folder = _cache_root() / "extensions" / name
         _KERNEL_TRIED = True
+        # cpp_extension warns that no CUDA runtime exists on CPU machines and
+        # prints a banner for unknown compilers; a failed build is reported below.
+        cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+        level = cpp_logger.level
+        cpp_logger.setLevel(logging.ERROR)
         try:
-            # Importing cpp_extension warns that no CUDA runtime exists on CPU
-            # machines, which does not matter for a CPU kernel.
-            cpp_logger = logging.getLogger("torch.utils.cpp_extension")
-            level = cpp_logger.level
-            cpp_logger.setLevel(logging.ERROR)
-            try:
-                from torch.utils import cpp_extension
-            finally:
-                cpp_logger.setLevel(level)
+            from torch.utils import cpp_extension
 
             folder.mkdir(parents=True, exist_ok=True)
-            _logger.info(
-                "loading the fused batch norm + ReLU kernel from %s (compiled first if not cached, about 45 s)", folder
-            )
+            if any(folder.glob(f"{name}*.so")):
+                _logger.info("loading the fused batch norm + ReLU kernel from %s", folder)
+            else:
+                _logger.info("compiling the fused batch norm + ReLU kernel into %s (about 45 s, once)", folder)
             _KERNEL = cpp_extension.load(
                 name, [str(_SOURCE)], extra_cflags=_compile_flags(), build_directory=str(folder), verbose=False
             )
         except Exception as error:  # noqa: BLE001 - any build failure means: use eager torch
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            # The compiler's own message is more useful than ninja's summary line.
+            causes = [line for line in lines[1:] if "error" in line.lower() or "not found" in line.lower()]
+            lines = causes[:1] or lines
             _logger.warning(
-                "could not build the fused batch norm + ReLU kernel (%s: %s); scoring uses eager torch, "
-                "which is slower. Install a C++ compiler, or set BLOCKSWAP_FUSED=0 to hide this warning.",
-                type(error).__name__, str(error).splitlines()[0] if str(error) else "",
+                "could not build the fused batch norm + ReLU kernel in %s (%s: %s); scoring uses eager torch, "
+                "which is slower. Check that a C++ compiler works and that the folder is writable "
+                "(BLOCKSWAP_CACHE moves it), or set BLOCKSWAP_FUSED=0 to hide this warning.",
+                folder, type(error).__name__, lines[0] if lines else "no message",
             )
             _KERNEL = None
+        finally:
+            cpp_logger.setLevel(level)
         return _KERNEL
 
 
