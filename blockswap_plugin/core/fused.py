@@ -45,6 +45,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Type
 import torch
 import torch.nn as nn
 
+from .cache import cache_root
+
 __all__ = [
     "BatchNormReLU",
     "InputGradConv2d",
@@ -75,10 +77,6 @@ def register_batchnorm_relu_pairs(cls: Type[nn.Module], pairs: Sequence[Tuple[st
             take the batch norm's output and nothing else may use that output.
     """
     _PAIRS[cls] = tuple((str(bn), str(relu)) for bn, relu in pairs)
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("BLOCKSWAP_CACHE") or Path.home() / ".cache" / "blockswap-plugin")
 
 
 def _compile_flags() -> List[str]:
@@ -118,7 +116,7 @@ def fused_kernel() -> Optional[object]:
         if _KERNEL is not None or _KERNEL_TRIED:
             return _KERNEL
         name = _build_name()
-        folder = _cache_root() / "extensions" / name
+        folder = cache_root() / "extensions" / name
         _KERNEL_TRIED = True
         # cpp_extension warns that no CUDA runtime exists on CPU machines and
         # prints a banner for unknown compilers; a failed build is reported below.
@@ -356,4 +354,4 @@ def kernel_status() -> Tuple[bool, str]:
         return True, "fused batch norm + ReLU kernel: turned off by BLOCKSWAP_FUSED=0"
     if fused_kernel() is None:
         return False, "fused batch norm + ReLU kernel: not available (see the warning above); scoring uses eager torch"
-    return True, f"fused batch norm + ReLU kernel: ready ({_cache_root() / 'extensions' / _build_name()})"
+    return True, f"fused batch norm + ReLU kernel: ready ({cache_root() / 'extensions' / _build_name()})"

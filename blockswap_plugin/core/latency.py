@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
 import statistics
 import time
@@ -28,6 +27,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .cache import cache_root
 from .errors import BlockSwapError
 from .genotype import write_json_atomic
 from .sampler import CostTable
@@ -149,8 +149,7 @@ def _cache_key(space: SwapSpace, batch_size: int, device: torch.device, num_thre
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("BLOCKSWAP_CACHE") or Path.home() / ".cache" / "blockswap-plugin"
-    return Path(root) / "latency"
+    return cache_root() / "latency"
 
 
 def build_latency_table(

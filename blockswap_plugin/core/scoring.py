@@ -93,8 +93,9 @@ class FisherScorer:
         precision: One of ``PRECISIONS``.
         device: Device to score on; the images' device when omitted.
         channels_last: Use the channels-last memory format on the fast paths.
-        rewrite: Rewrite candidates for speed on CPU (fused batch norm + ReLU,
-            merged convolution groups); None does so on CPU fast paths.
+        rewrite: Rewrite candidates for speed (fused batch norm + ReLU, merged
+            convolution groups, weight-only convolution backward). Applies
+            only on CPU fast paths; None and True both mean yes there.
 
     Example:
         >>> scorer = FisherScorer(images, labels, precision="auto")
@@ -118,9 +119,7 @@ class FisherScorer:
         self.labels = labels.detach().to(self.device)
         self.images = images.contiguous(memory_format=self.memory_format)
         self._copy_outputs = False
-        if rewrite is None:
-            rewrite = self.device.type == "cpu"
-        self.rewrite = bool(rewrite) and self.precision != "exact" and self.device.type == "cpu"
+        self.rewrite = rewrite is not False and self.precision != "exact" and self.device.type == "cpu"
         # Build or load the kernel now, not inside the first scoring thread.
         self.kernel = fused_kernel() if self.rewrite else None
 
