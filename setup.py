@@ -14,7 +14,7 @@ setup(
     license="Apache-2.0",
     packages=find_packages(include=["blockswap_plugin", "blockswap_plugin.*"]),
     # The C++ source of the fused scoring kernel, compiled on first use.
-    package_data={"blockswap_plugin.core": ["csrc/*.cpp"]},
+    package_data={"blockswap_plugin.core": ["csrc/*.cpp", "csrc/*.h"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.0", "tqdm"],
     extras_require={

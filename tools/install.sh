@@ -8,7 +8,7 @@
 # compiled ops and C++20, then caches the wheel under
 # ${BLOCKSWAP_CACHE:-~/.cache/blockswap-plugin}/mmcv-2.1.0-torch<version>/
 # so the next install on the same machine takes seconds. It also compiles
-# the package's fused scoring kernel once per machine (about 45 s).
+# the package's compiled scoring helpers once per machine (about 80 s).
 #
 # Usage: bash tools/install.sh [--no-mmcv]
 #   --no-mmcv   skip step 2 (the mmcv build): enough for the timm path and the
@@ -128,7 +128,7 @@ if ! "$py" -c "import blockswap_plugin" 2>/dev/null || [ ! -x "$venv/bin/blocksw
     quiet "${pip[@]}" --no-deps --no-build-isolation -e "$root"
 fi
 # 4. The fused batch norm + ReLU kernel that speeds up scoring on CPU
-# (about 45 s to compile, cached under $cache/extensions). Without a working
+# (about 80 s to compile, cached under $cache/extensions). Without a working
 # compiler the search still runs, more slowly, so a failure here only warns.
 if ! BLOCKSWAP_CACHE="$cache" "$venv/bin/blockswap" kernel >/dev/null 2>&1; then
     log "warning: could not build the fused scoring kernel; searches on CPU will be slower"

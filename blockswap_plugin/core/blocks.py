@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch.nn as nn
 
-from .fused import register_batchnorm_relu_pairs
+from .fused import register_batchnorm_relu_conv, register_batchnorm_relu_pairs
 
 __all__ = [
     "BlockType",
@@ -135,6 +135,7 @@ class GroupedSeparableConv(nn.Module):
 
 
 register_batchnorm_relu_pairs(GroupedSeparableConv, [("bn", "act")])
+register_batchnorm_relu_conv(GroupedSeparableConv, "bn", "act", "pointwise")
 
 
 class BottleneckBranch(nn.Module):
@@ -157,6 +158,7 @@ class BottleneckBranch(nn.Module):
 
 
 register_batchnorm_relu_pairs(BottleneckBranch, [("bn1", "act1"), ("bn2", "act2")])
+register_batchnorm_relu_conv(BottleneckBranch, "bn2", "act2", "expand")
 
 
 def _standard_conv(in_channels: int, out_channels: int, stride: int) -> nn.Module:

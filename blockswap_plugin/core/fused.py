@@ -1,21 +1,26 @@
 """Faster forms of a throwaway candidate for CPU scoring.
 
 A search scores hundreds of freshly built candidates, each once, on CPU.
-Two rewrites of such a candidate keep its function and cut the time of one
-forward and backward pass:
+These rewrites of such a candidate keep its function and cut the time and
+memory of one forward and backward pass:
 
 * :func:`fuse_batchnorm_relu_` turns each declared ``BatchNorm2d`` + ``ReLU``
   pair into one compiled kernel (``csrc/bn_relu_cpu.cpp``). Eager torch runs
   them as two kernels and keeps both the batch norm input and the ReLU output
   for the backward pass. The fused kernel reads its input twice, writes once,
   and keeps only its input. Running statistics are not updated.
+* :func:`fuse_batchnorm_relu_conv_` does the same for a declared batch norm +
+  ReLU + convolution triple, as one autograd step that keeps only the batch
+  norm input. When the triple ends a residual branch, the scorer asks the
+  step for the Fisher term (:func:`defer_fisher`): the backward pass
+  recomputes the branch output from the kept input, so the output is not kept
+  between the passes.
 * :func:`merge_conv_groups_` rewrites grouped 3x3 convolutions with few
   channels per group as convolutions with fewer, wider groups whose weights
   are block diagonal (zeros outside the original groups). oneDNN runs these
   much faster on CPU than convolutions of 2 to 8 channels per group. The
   products outside the original groups are exact zeros, so only the order of
   the float sums changes.
-
 * :func:`drop_conv_inputs_` makes convolutions keep only their weight for
   the backward pass. Without weight gradients the input gradient does not
   need the input, but eager torch keeps it anyway; this halves the memory
@@ -24,13 +29,16 @@ forward and backward pass:
 All rewrites are for networks that are scored and thrown away: they share
 weight storage with nothing and leave the model unfit for training.
 
-The kernel is compiled with :mod:`torch.utils.cpp_extension` on first use
-(about 45 s) and cached under ``$BLOCKSWAP_CACHE/extensions``.
-``tools/install.sh`` builds it ahead with ``blockswap kernel``. Where it cannot be built (no C++
-compiler), scoring falls back to eager torch with a warning. Set
-``BLOCKSWAP_FUSED=0`` to turn the fused kernel off.
+The compiled helpers (the kernels above, the Fisher sums and the block cache
+of :mod:`~blockswap_plugin.core.block_cache`) are one extension module, built
+with :mod:`torch.utils.cpp_extension` on first use (about 80 s) and cached
+under ``$BLOCKSWAP_CACHE/extensions``. ``tools/install.sh`` builds it ahead
+with ``blockswap kernel``. Where it cannot be built (no C++ compiler),
+scoring falls back to eager torch with a warning. Set ``BLOCKSWAP_FUSED=0``
+to turn it off.
 
-Host modules declare their pairs with :func:`register_batchnorm_relu_pairs`.
+Host modules declare their pairs and triples with
+:func:`register_batchnorm_relu_pairs` and :func:`register_batchnorm_relu_conv`.
 """
 from __future__ import annotations
 
@@ -49,6 +57,11 @@ from .cache import cache_root
 
 __all__ = [
     "BatchNormReLU",
+    "BatchNormReLUConv",
+    "defer_fisher",
+    "fuse_batchnorm_relu_conv_",
+    "is_batchnorm_relu_conv_output",
+    "register_batchnorm_relu_conv",
     "InputGradConv2d",
     "drop_conv_inputs_",
     "fused_kernel",
@@ -61,8 +74,12 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("csrc") / "bn_relu_cpu.cpp"
+_CSRC = Path(__file__).with_name("csrc")
+# Compiled together as one extension module; ops.h declares what module.cpp binds.
+_SOURCES = tuple(_CSRC / name for name in ("bn_relu_cpu.cpp", "block_cache_cpu.cpp", "module.cpp"))
+_HEADERS = (_CSRC / "ops.h",)
 _PAIRS: Dict[Type[nn.Module], Tuple[Tuple[str, str], ...]] = {}
+_TRIPLES: Dict[Type[nn.Module], Tuple[str, str, str]] = {}
 _LOCK = threading.Lock()
 _KERNEL: Optional[object] = None
 _KERNEL_TRIED = False
@@ -77,6 +94,22 @@ def register_batchnorm_relu_pairs(cls: Type[nn.Module], pairs: Sequence[Tuple[st
             take the batch norm's output and nothing else may use that output.
     """
     _PAIRS[cls] = tuple((str(bn), str(relu)) for bn, relu in pairs)
+
+
+def register_batchnorm_relu_conv(cls: Type[nn.Module], bn: str, relu: str, conv: str) -> None:
+    """Declare that ``cls.forward`` applies child ``conv`` directly to ``relu(bn(x))``.
+
+    :func:`fuse_batchnorm_relu_conv_` then runs the three as one step that
+    keeps only the batch norm input, and that can give the Fisher potential at
+    its output without keeping the output (see :class:`BatchNormReLUConv`).
+
+    Args:
+        cls: Module class.
+        bn: Attribute of the batch norm.
+        relu: Attribute of the ReLU, which takes the batch norm's output and nothing else.
+        conv: Attribute of the convolution, which takes the ReLU's output and nothing else.
+    """
+    _TRIPLES[cls] = (str(bn), str(relu), str(conv))
 
 
 def _compile_flags() -> List[str]:
@@ -97,11 +130,11 @@ def _build_name() -> str:
     except OSError:
         flags = platform.processor()
     digest = hashlib.sha256()
-    parts = (_SOURCE.read_bytes(), " ".join(_compile_flags()).encode(), torch.__version__.encode(),
+    parts = (*(path.read_bytes() for path in _SOURCES + _HEADERS), " ".join(_compile_flags()).encode(), torch.__version__.encode(),
              flags.encode(), platform.machine().encode())
     for part in parts:
         digest.update(part)
-    return f"blockswap_bn_relu_{digest.hexdigest()[:12]}"
+    return f"blockswap_cpu_ops_{digest.hexdigest()[:12]}"
 
 
 def fused_kernel() -> Optional[object]:
@@ -130,9 +163,9 @@ def fused_kernel() -> Optional[object]:
             if any(folder.glob(f"{name}*.so")):
                 _logger.info("loading the fused batch norm + ReLU kernel from %s", folder)
             else:
-                _logger.info("compiling the fused batch norm + ReLU kernel into %s (about 45 s, once)", folder)
+                _logger.info("compiling the fused batch norm + ReLU kernel into %s (about 80 s, once)", folder)
             _KERNEL = cpp_extension.load(
-                name, [str(_SOURCE)], extra_cflags=_compile_flags(), build_directory=str(folder), verbose=False
+                name, [str(path) for path in _SOURCES], extra_cflags=_compile_flags(), build_directory=str(folder), verbose=False
             )
         except Exception as error:  # noqa: BLE001 - any build failure means: use eager torch
             lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -192,6 +225,135 @@ class BatchNormReLU(nn.Module):
         if not usable:
             return torch.relu(nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps))
         return _BatchNormReLUFunction.apply(x, bn.weight, bn.bias, float(bn.eps), self.kernel)
+
+
+def _conv_args(conv: nn.Conv2d) -> Tuple:
+    return (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
+
+
+class _BatchNormReLUConvFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, weight, bias, eps, conv_weight, conv_args, kernel):
+        h, mean, invstd = kernel.forward(z, weight, bias, eps)
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else h.dtype
+        conv_weight = conv_weight.to(dtype)
+        with torch.autocast("cpu", enabled=False):
+            out = nn.functional.conv2d(h.to(dtype), conv_weight, None, *conv_args)
+        ctx.save_for_backward(z, mean, invstd, weight, bias, conv_weight)
+        ctx.conv_args = conv_args
+        ctx.kernel = kernel
+        # The scorer sets this to a function of (output, gradient) when the
+        # output is a branch output; the backward pass then recomputes the output.
+        ctx.fisher = None
+        ctx.input = z
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, mean, invstd, weight, bias, conv_weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv_args
+        grad = grad.to(conv_weight.dtype)
+        if ctx.fisher is not None:
+            h = ctx.kernel.apply(z, mean, invstd, weight, bias).to(conv_weight.dtype)
+            with torch.autocast("cpu", enabled=False):
+                ctx.fisher(nn.functional.conv2d(h, conv_weight, None, *ctx.conv_args), grad)
+        else:
+            # Only the shape and layout of this stand-in input are read.
+            h = torch.empty(z.shape, dtype=conv_weight.dtype, memory_format=torch.channels_last)
+        grad_h = torch.ops.aten.convolution_backward(
+            grad, h, conv_weight, None, list(stride), list(padding), list(dilation),
+            False, [0, 0], groups, [True, False, False],
+        )[0]
+        del h
+        ctx.input = None
+        return ctx.kernel.backward(grad_h, z, mean, invstd, weight, bias), None, None, None, None, None, None
+
+
+def is_batchnorm_relu_conv_output(tensor: torch.Tensor) -> bool:
+    """Return whether ``tensor`` is the direct output of a :class:`BatchNormReLUConv` step (see :func:`defer_fisher`)."""
+    return type(tensor.grad_fn) is _BatchNormReLUConvFunction._backward_cls  # noqa: SLF001
+
+
+def defer_fisher(output: torch.Tensor, fisher) -> torch.Tensor:
+    """Have ``fisher(output, gradient)`` called in the backward pass of the step that made ``output``.
+
+    The output is recomputed there from the kept batch norm input, so it
+    need not be kept between the passes. Returns the batch norm input, a tensor whose gradient
+    request makes the backward pass reach that step.
+    """
+    node = output.grad_fn
+    node.fisher = fisher
+    return node.input
+
+
+class BatchNormReLUConv(nn.Module):
+    """Batch norm (training) + ReLU + a bias-free convolution as one autograd step, for scoring only.
+
+    The step keeps only the batch norm input (and the weights) for the
+    backward pass. There it recomputes the ReLU output with the compiled
+    kernel, for the input gradient of the convolution, and, when the scorer
+    asked for the Fisher term of this output (:func:`defer_fisher`), the
+    output too. A branch output then costs no memory between the two passes.
+    Inputs the kernel does not take go through eager torch.
+
+    Args:
+        bn: The batch norm.
+        conv: The convolution that takes ``relu(bn(x))``.
+        kernel: The compiled kernel (:func:`fused_kernel`).
+    """
+
+    def __init__(self, bn: nn.BatchNorm2d, conv: nn.Conv2d, kernel: object) -> None:
+        super().__init__()
+        self.bn = bn
+        self.conv = conv
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn, conv = self.bn, self.conv
+        usable = (
+            x.dim() == 4 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and bn.affine and not bn.weight.requires_grad and not bn.bias.requires_grad
+            and not conv.weight.requires_grad
+        )
+        if not usable:
+            return conv(torch.relu(nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)))
+        return _BatchNormReLUConvFunction.apply(x, bn.weight, bn.bias, float(bn.eps), conv.weight, _conv_args(conv),
+                                                self.kernel)
+
+
+def fuse_batchnorm_relu_conv_(model: nn.Module, kernel: Optional[object] = None,
+                              skip: Iterable[nn.Module] = ()) -> int:
+    """Replace every registered batch norm + ReLU + convolution triple by :class:`BatchNormReLUConv`.
+
+    The batch norm's attribute gets the fused step, the ReLU and the
+    convolution become identities. Only bias-free ``nn.Conv2d`` with zero
+    padding given as numbers are taken. Returns the number of triples fused
+    (0 without the kernel).
+
+    Args:
+        model: Network to rewrite in place.
+        kernel: The compiled kernel; :func:`fused_kernel` when omitted.
+        skip: Modules to leave as they are (modules that carry hooks).
+    """
+    kernel = kernel or fused_kernel()
+    if kernel is None:
+        return 0
+    skipped = {id(module) for module in skip}
+    fused = 0
+    for module in list(model.modules()):
+        names = _TRIPLES.get(type(module))
+        if names is None:
+            continue
+        bn, relu, conv = (getattr(module, name, None) for name in names)
+        if any(id(part) in skipped for part in (bn, relu, conv)):
+            continue
+        if (type(bn) is nn.BatchNorm2d and isinstance(relu, nn.ReLU) and type(conv) is nn.Conv2d
+                and conv.bias is None and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)):
+            setattr(module, names[0], BatchNormReLUConv(bn, conv, kernel))
+            setattr(module, names[1], nn.Identity())
+            setattr(module, names[2], nn.Identity())
+            fused += 1
+    return fused
 
 
 def fuse_batchnorm_relu_(model: nn.Module, kernel: Optional[object] = None, skip: Iterable[nn.Module] = ()) -> int:
@@ -338,7 +500,7 @@ def drop_conv_inputs_(model: nn.Module, skip: Iterable[nn.Module] = ()) -> int:
     skipped = {id(module) for module in skip}
     targets = [
         (parent, name, child)
-        for parent in model.modules()
+        for parent in model.modules() if not isinstance(parent, BatchNormReLUConv)
         for name, child in parent.named_children()
         if type(child) is nn.Conv2d and child.bias is None and child.padding_mode == "zeros"
         and not isinstance(child.padding, str) and id(child) not in skipped

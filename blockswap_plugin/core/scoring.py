@@ -11,18 +11,23 @@ cannot take:
 * the model and the minibatch use the channels-last memory format, which
   oneDNN runs faster on CPU;
 * with ``precision="bf16"`` the forward and backward passes run under bf16
-  autocast, and the Fisher terms are summed in fp32;
+  autocast;
 * the minibatch is converted once and reused for every candidate;
-* on CPU, registered batch norm + ReLU pairs run as one compiled kernel and
+* on CPU, registered batch norm + ReLU pairs run as one compiled kernel,
   grouped convolutions with narrow groups run with wider, block-diagonal
   groups, and convolutions keep only their weights for the backward pass
-  (:mod:`~blockswap_plugin.core.fused`).
+  (:mod:`~blockswap_plugin.core.fused`);
+* a branch output made by a fused batch norm + ReLU + convolution step is not
+  kept: the step recomputes it in the backward pass and hands it, with its
+  gradient, to the Fisher sum there;
+* the Fisher terms are summed in fp32 (by a compiled kernel on CPU, without a
+  tensor of products).
 
 Precisions (``PRECISIONS``):
 
 * ``"exact"`` calls the reference on the unchanged model.
 * ``"fp32"`` is the fast path in fp32, equal to ``"exact"`` up to float rounding.
-* ``"bf16"`` is the fast path in bf16. Single scores move by a few percent, and
+* ``"bf16"`` is the fast path in bf16 (the Fisher sums stay fp32). Single scores move by a few percent, and
   ``docs/benchmarks.md`` gives the measured rank agreement with ``"exact"``.
 * ``"auto"`` picks ``"bf16"`` where the device runs bf16 natively, else ``"fp32"``.
 """
@@ -37,7 +42,15 @@ import torch.nn.functional as F
 
 from .errors import BlockSwapError
 from .fisher import BranchPoint, find_branch_points, fisher_potential
-from .fused import drop_conv_inputs_, fuse_batchnorm_relu_, fused_kernel, merge_conv_groups_
+from .fused import (
+    defer_fisher,
+    drop_conv_inputs_,
+    fuse_batchnorm_relu_,
+    fuse_batchnorm_relu_conv_,
+    fused_kernel,
+    is_batchnorm_relu_conv_output,
+    merge_conv_groups_,
+)
 
 __all__ = ["PRECISIONS", "FisherScorer", "bf16_supported", "resolve_precision", "spearman"]
 
@@ -75,15 +88,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def _fisher_sum(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
-    # Same formula as fisher_from_activations, written for any memory layout.
-    # Reductions accumulate in fp32 even on bf16 inputs; only the N x C
-    # per-sample sums are rounded to bf16 before they are squared in fp32.
-    dims = tuple(range(2, activation.dim()))
-    per_sample = (activation * gradient).sum(dim=dims).float()
-    return per_sample.pow(2).sum() / (2 * activation.shape[0])
-
-
 class FisherScorer:
     """Fisher potential of many fresh candidates on one minibatch.
 
@@ -93,9 +97,14 @@ class FisherScorer:
         precision: One of ``PRECISIONS``.
         device: Device to score on; the images' device when omitted.
         channels_last: Use the channels-last memory format on the fast paths.
-        rewrite: Rewrite candidates for speed (fused batch norm + ReLU, merged
-            convolution groups, weight-only convolution backward). Applies
-            only on CPU fast paths; None and True both mean yes there.
+        rewrite: Rewrite candidates for speed (fused batch norm + ReLU and
+            batch norm + ReLU + convolution, merged convolution groups,
+            weight-only convolution backward). Applies only on CPU fast
+            paths; None and True both mean yes there.
+        recompute: With ``"exact"``, run each block again in the backward
+            pass instead of keeping its activations (``recompute`` of
+            :func:`~blockswap_plugin.core.fisher.fisher_potential`): the same
+            scores, bit for bit, with about half the memory and 15 % more time.
 
     Example:
         >>> scorer = FisherScorer(images, labels, precision="auto")
@@ -110,6 +119,7 @@ class FisherScorer:
         device: Optional[torch.device] = None,
         channels_last: bool = True,
         rewrite: Optional[bool] = None,
+        recompute: bool = False,
     ) -> None:
         self.device = torch.device(device) if device is not None else images.device
         self.precision = resolve_precision(precision, self.device)
@@ -119,6 +129,7 @@ class FisherScorer:
         self.labels = labels.detach().to(self.device)
         self.images = images.contiguous(memory_format=self.memory_format)
         self._copy_outputs = False
+        self.recompute = recompute
         self.rewrite = rewrite is not False and self.precision != "exact" and self.device.type == "cpu"
         # Build or load the kernel now, not inside the first scoring thread.
         self.kernel = fused_kernel() if self.rewrite else None
@@ -134,7 +145,7 @@ class FisherScorer:
             BlockSwapError: If the model has no recognised residual block.
         """
         if self.precision == "exact":
-            return fisher_potential(model.to(self.device), self.images, self.labels)
+            return fisher_potential(model.to(self.device), self.images, self.labels, recompute=self.recompute)
         points = find_branch_points(model)
         if not points:
             raise BlockSwapError(
@@ -147,6 +158,7 @@ class FisherScorer:
             keep = [point.module for point in points]
             merge_conv_groups_(model)
             if self.kernel is not None:
+                fuse_batchnorm_relu_conv_(model, self.kernel, skip=keep)
                 fuse_batchnorm_relu_(model, self.kernel, skip=keep)
             drop_conv_inputs_(model, skip=keep)
         model.to(device=self.device, memory_format=self.memory_format)
@@ -162,8 +174,10 @@ class FisherScorer:
 
     def _score_points(self, model: nn.Module, points: List[BranchPoint], clone: bool) -> Optional[float]:
         """Run one forward and backward pass; return None if a stored activation was overwritten."""
-        kept: List[Tuple[torch.Tensor, int]] = []
-        handles = _keep_branch_outputs(points, kept, clone)
+        kept: List[_Kept] = []
+        # Fisher terms per kept entry; deferred entries fill theirs in the backward pass.
+        terms: List[Optional[torch.Tensor]] = []
+        handles = _keep_branch_outputs(points, kept, clone, self._fisher_terms, terms)
         try:
             with torch.enable_grad(), torch.autocast(
                 self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
@@ -175,38 +189,80 @@ class FisherScorer:
                     f"{len(points)} residual blocks were found but {len(kept)} ran in the forward pass; "
                     "cannot score a model that skips blocks"
                 )
-            if any(tensor._version != version for tensor, version in kept):
+            if any(entry.version is not None and entry.tensor._version != entry.version for entry in kept):
                 return None
             loss = F.cross_entropy(logits.float(), self.labels)
-            activations = [tensor for tensor, _ in kept]
-            gradients = torch.autograd.grad(loss, activations)
+            del logits
+            targets = [entry.tensor for entry in kept]
+            gradients = torch.autograd.grad(loss, targets)
         finally:
             for handle in handles:
                 handle.remove()
         with torch.no_grad():
-            total = sum(_fisher_sum(a, g) for a, g in zip(activations, gradients))
-        return float(total)
+            for index, (entry, gradient) in enumerate(zip(kept, gradients)):
+                if entry.version is not None:
+                    terms[index] = self._fisher_terms(entry.tensor, gradient)
+        if any(term is None for term in terms):
+            raise BlockSwapError("a deferred Fisher term was not computed in the backward pass; "
+                                 "score this model with rewrite=False")
+        batch = self.images.shape[0]
+        return float(sum(term.double().pow(2).sum() for term in terms) / (2 * batch))
+
+    def _fisher_terms(self, activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+        """Per sample and channel sums of activation x gradient (N x C), summed in float32."""
+        if self.kernel is not None and activation.dim() == 4 and activation.dtype in (torch.float32, torch.bfloat16):
+            return self.kernel.fisher_terms(activation, gradient)
+        dims = tuple(range(2, activation.dim()))
+        return (activation.float() * gradient.float()).sum(dim=dims)
 
 
-def _keep_branch_outputs(points: List[BranchPoint], kept: List[Tuple[torch.Tensor, int]], clone: bool) -> list:
-    """Hook every branch point so that its activation and version counter land in ``kept``.
+class _Kept:
+    """A branch output seen in the forward pass: the tensor to ask a gradient for, and its version.
 
-    With ``clone`` the host gets a copy, so an in-place change by the host
-    leaves the kept tensor intact. The gradient reaches the kept tensor through the copy.
+    A deferred entry (``version`` None) contains the input of the step that made
+    the branch output; that step computes the Fisher term itself.
+    """
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor, version: Optional[int]) -> None:
+        self.tensor = tensor
+        self.version = version
+
+
+def _keep_branch_outputs(points: List[BranchPoint], kept: List[_Kept], clone: bool, fisher_terms,
+                         terms: List[Optional[torch.Tensor]]) -> list:
+    """Hook every branch point so that its activation (or a deferred entry) lands in ``kept``.
+
+    A branch output made by a fused batch norm + ReLU + convolution step is
+    not kept: the step recomputes it in the backward pass and stores its
+    Fisher term in ``terms``. With ``clone`` the host gets a copy, so an
+    in-place change by the host leaves the kept tensor intact. The gradient
+    reaches the kept tensor through the copy.
     """
     handles = []
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        index = len(kept)
+        terms.append(None)
+        if is_batchnorm_relu_conv_output(tensor):
+            def store(activation, gradient, index=index):
+                terms[index] = fisher_terms(activation, gradient)
+
+            kept.append(_Kept(defer_fisher(tensor, store), None))
+            return tensor
+        kept.append(_Kept(tensor, tensor._version))
+        return tensor.clone() if clone else tensor
+
     for point in points:
         if point.where == "output":
             def hook(module, args, output):
-                kept.append((output, output._version))
-                return output.clone() if clone else output
+                return keep(output)
 
             handles.append(point.module.register_forward_hook(hook))
         elif point.where == "input":
             def pre_hook(module, args):
-                first = args[0]
-                kept.append((first, first._version))
-                return (first.clone() if clone else first, *args[1:])
+                return (keep(args[0]), *args[1:])
 
             handles.append(point.module.register_forward_pre_hook(pre_hook))
         else:

@@ -18,11 +18,12 @@ import ctypes.util
 import logging
 import os
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Dict, Iterator, Optional, Sequence
 
 import torch
 
+from .block_cache import cpu_block_cache
 from .errors import BlockSwapError
 
 __all__ = ["available_cores", "check_num_workers", "default_num_workers", "limit_threads", "score_indices"]
@@ -32,7 +33,8 @@ _logger = logging.getLogger(__name__)
 # Freed heap memory goes back to the OS after this many candidates. Trimming
 # after every candidate kept the resident size lowest but made each candidate
 # fault its activation pages in again: 0.54 instead of 0.38 s per WRN-40-2
-# candidate on 2 cores.
+# candidate on 2 cores. Tensors of 1 MB and more come from the block cache
+# (core/block_cache.py) on CPU, so the trim now concerns smaller ones.
 TRIM_EVERY = 50
 
 
@@ -88,8 +90,13 @@ def score_indices(
     num_threads: Optional[int] = 1,
     device: torch.device = torch.device("cpu"),
     on_result: Optional[Callable[[int, float], None]] = None,
+    block_cache: bool = True,
 ) -> Dict[int, float]:
     """Call ``score_one`` for every index, ``num_workers`` at a time on CPU.
+
+    On CPU, large tensors come from the block cache for the duration of the
+    call (:func:`~blockswap_plugin.core.block_cache.cpu_block_cache`) unless
+    ``block_cache`` is False.
 
     Args:
         score_one: Returns the score of one index. It must be safe to call
@@ -103,6 +110,9 @@ def score_indices(
         device: Scoring device; anything but CPU scores one at a time.
         on_result: Called in the calling thread with ``(index, score)`` as
             each result arrives.
+        block_cache: Use the block cache on CPU. Turn it off where the live
+            tensors of the parallel candidates exceed its limit (exact fp32
+            scoring), because it would then unmap and map blocks all the time.
 
     Returns:
         The score of every index.
@@ -125,8 +135,9 @@ def score_indices(
             release_memory()
         on_result(index, score)
 
-    one_at_a_time = num_workers <= 1 or len(indices) <= 1 or torch.device(device).type != "cpu"
-    with limit_threads(num_threads):
+    on_cpu = torch.device(device).type == "cpu"
+    one_at_a_time = num_workers <= 1 or len(indices) <= 1 or not on_cpu
+    with limit_threads(num_threads), (cpu_block_cache() if on_cpu and block_cache else nullcontext()):
         if one_at_a_time:
             for index in indices:
                 record(index, _call(score_one, index))

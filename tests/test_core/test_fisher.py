@@ -125,3 +125,19 @@ def test_timm_zero_init_last_trap(cifar_batch):
 def test_no_blocks_is_a_clear_error():
     with pytest.raises(blockswap_plugin.BlockSwapError, match="no residual blocks found"):
         blockswap_plugin.fisher_potential(torch.nn.Linear(4, 2), torch.randn(2, 4), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("name", ["wrn_16_2", "resnet18"])
+def test_recompute_gives_identical_scores(cifar_batch, name):
+    images, labels = cifar_batch
+    torch.manual_seed(0)
+    model = init_paper_(timm.create_model(name, num_classes=10))
+    before = copy.deepcopy(model.state_dict())
+    kept = blockswap_plugin.fisher_potential_per_block(model, images[:32], labels[:32])
+    recomputed = blockswap_plugin.fisher_potential_per_block(model, images[:32], labels[:32], recompute=True)
+    assert sum(kept.values()) > 0
+    assert recomputed == kept
+    # The blocks' own forward methods are back and the state is untouched.
+    assert not any("forward" in vars(module) for module in model.modules())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key

@@ -10,10 +10,14 @@ import torch.nn.functional as F
 import blockswap_plugin.timm  # noqa: F401  (registers wrn_*)
 from blockswap_plugin.core.fused import (
     BatchNormReLU,
+    BatchNormReLUConv,
     InputGradConv2d,
+    defer_fisher,
     drop_conv_inputs_,
     fuse_batchnorm_relu_,
+    fuse_batchnorm_relu_conv_,
     fused_kernel,
+    is_batchnorm_relu_conv_output,
     merge_conv_groups_,
     merged_group_count,
 )
@@ -172,3 +176,66 @@ def test_kernel_command_reports_ready(kernel, capsys):
 
     assert main(["kernel"]) == 0
     assert "kernel: ready" in capsys.readouterr().out
+
+
+def test_apply_repeats_forward_output(kernel):
+    torch.manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(8, 24, 6, 6) * 2 + 0.5).to(dtype).contiguous(memory_format=torch.channels_last)
+        weight, bias = torch.rand(24) + 0.5, torch.randn(24) * 0.2
+        y, mean, invstd = kernel.forward(x, weight, bias, 1e-5)
+        assert torch.equal(kernel.apply(x, mean, invstd, weight, bias), y)
+
+
+def test_fisher_terms_match_einsum(kernel):
+    torch.manual_seed(2)
+    a = torch.randn(6, 40, 5, 7).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(6, 40, 5, 7).contiguous(memory_format=torch.channels_last)
+    expected = torch.einsum("nchw,nchw->nc", a.double(), g.double())
+    assert torch.allclose(kernel.fisher_terms(a, g).double(), expected, rtol=1e-5, atol=1e-4)
+    with pytest.raises(RuntimeError, match="shapes differ"):
+        kernel.fisher_terms(a, g[:, :10])
+
+
+def test_fused_triple_matches_eager(kernel):
+    torch.manual_seed(3)
+    bn, conv = nn.BatchNorm2d(16), nn.Conv2d(16, 32, 1, bias=False)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_(0, 0.3)
+    bn.requires_grad_(False)
+    conv.requires_grad_(False)
+    x = (torch.randn(8, 16, 8, 8) * 2).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(8, 32, 8, 8)
+
+    eager_in = x.double().requires_grad_()
+    eager_out = F.conv2d(F.relu(F.batch_norm(eager_in, None, None, bn.weight.double(), bn.bias.double(), True,
+                                             0.0, bn.eps)), conv.weight.double())
+    (eager_grad,) = torch.autograd.grad(eager_out, eager_in, grad.double())
+
+    step = BatchNormReLUConv(bn, conv, kernel)
+    fused_in = x.clone().requires_grad_()
+    out = step(fused_in)
+    assert is_batchnorm_relu_conv_output(out)
+    seen = {}
+    # The Fisher function gets the recomputed output and the gradient in the backward pass.
+    target = defer_fisher(out, lambda activation, gradient: seen.update(a=activation.clone(), g=gradient.clone()))
+    assert target is fused_in
+    (fused_grad,) = torch.autograd.grad(out, fused_in, grad)
+    assert torch.allclose(out.double(), eager_out.detach(), rtol=1e-4, atol=1e-4)
+    assert torch.allclose(fused_grad.double(), eager_grad, rtol=1e-4, atol=1e-4)
+    assert torch.equal(seen["a"], out.detach())
+    assert torch.equal(seen["g"], grad)
+
+
+def test_triples_fused_where_registered(kernel):
+    block = PreActBlock(32, 32, 1, "G4B2")
+    assert fuse_batchnorm_relu_conv_(block, kernel) == 1
+    branch = block.conv1
+    assert isinstance(branch.bn2, BatchNormReLUConv)
+    assert isinstance(branch.act2, nn.Identity) and isinstance(branch.expand, nn.Identity)
+    # The convolution inside the fused step is not wrapped again.
+    drop_conv_inputs_(block)
+    assert type(branch.bn2.conv) is nn.Conv2d
+    plain = PreActBlock(32, 32, 1, "Conv")
+    assert fuse_batchnorm_relu_conv_(plain, kernel) == 0

@@ -10,6 +10,8 @@
 // Tensors are channels-last, seen as rows of C channels. Sums are taken per
 // fixed chunk of rows in float and then added in double in chunk order, so the
 // result does not depend on the number of threads.
+#include "ops.h"
+
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -42,6 +44,10 @@ inline void store(c10::BFloat16* p, int64_t i, float v) {
   uint16_t half = static_cast<uint16_t>(bits >> 16);
   std::memcpy(p + i, &half, sizeof(half));
 }
+
+template <typename T>
+void apply_rows(const T* __restrict__ xp, T* __restrict__ yp, int64_t M, int64_t C, const float* __restrict__ scale_c,
+                const float* __restrict__ offset_c);
 
 void check_input(const torch::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu(), name, " must be on the CPU, got ", x.device());
@@ -106,8 +112,14 @@ void forward_impl(const torch::Tensor& x, const torch::Tensor& weight, const tor
     scale[c] = wp[c] * ip[c];
     offset[c] = bp[c] - mp[c] * scale[c];
   }
-  const float* __restrict__ scale_c = scale.data();
-  const float* __restrict__ offset_c = offset.data();
+  apply_rows(xp, yp, M, C, scale.data(), offset.data());
+}
+
+// y = max(x * scale + offset, 0) row by row. The forward pass and the
+// recomputation in backward passes share it, so both give the same bits.
+template <typename T>
+void apply_rows(const T* __restrict__ xp, T* __restrict__ yp, int64_t M, int64_t C, const float* __restrict__ scale_c,
+                const float* __restrict__ offset_c) {
   at::parallel_for(0, M, kChunkRows, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const T* __restrict__ r = xp + row * C;
@@ -115,6 +127,44 @@ void forward_impl(const torch::Tensor& x, const torch::Tensor& weight, const tor
       for (int64_t c = 0; c < C; ++c) {
         const float v = load(r, c) * scale_c[c] + offset_c[c];
         store(o, c, v > 0.f ? v : 0.f);
+      }
+    }
+  });
+}
+
+// The same scale and offset as forward_impl computes from mean and invstd.
+void affine_terms(const torch::Tensor& mean, const torch::Tensor& invstd, const torch::Tensor& weight,
+                  const torch::Tensor& bias, std::vector<float>& scale, std::vector<float>& offset) {
+  const int64_t C = mean.numel();
+  const float* mp = mean.data_ptr<float>();
+  const float* ip = invstd.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  const float* bp = bias.data_ptr<float>();
+  scale.resize(C);
+  offset.resize(C);
+  for (int64_t c = 0; c < C; ++c) {
+    scale[c] = wp[c] * ip[c];
+    offset[c] = bp[c] - mp[c] * scale[c];
+  }
+}
+
+// Per sample and channel, the sum over positions of a * g, in float.
+template <typename T>
+void fisher_impl(const torch::Tensor& a, const torch::Tensor& g, torch::Tensor& out) {
+  const int64_t N = a.size(0);
+  const int64_t C = a.size(1);
+  const int64_t P = a.numel() / (N * C);
+  const T* __restrict__ ap = a.data_ptr<T>();
+  const T* __restrict__ gp = g.data_ptr<T>();
+  float* __restrict__ op = out.data_ptr<float>();
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      float* __restrict__ acc = op + n * C;
+      for (int64_t c = 0; c < C; ++c) acc[c] = 0.f;
+      for (int64_t p = 0; p < P; ++p) {
+        const T* __restrict__ ar = ap + (n * P + p) * C;
+        const T* __restrict__ gr = gp + (n * P + p) * C;
+        for (int64_t c = 0; c < C; ++c) acc[c] += load(ar, c) * load(gr, c);
       }
     }
   });
@@ -134,11 +184,8 @@ void backward_impl(const torch::Tensor& dy, const torch::Tensor& x, const torch:
   const float* wp = weight.data_ptr<float>();
   const float* bp = bias.data_ptr<float>();
 
-  std::vector<float> scale(C), offset(C);
-  for (int64_t c = 0; c < C; ++c) {
-    scale[c] = wp[c] * ip[c];
-    offset[c] = bp[c] - mp[c] * scale[c];
-  }
+  std::vector<float> scale, offset;
+  affine_terms(mean, invstd, weight, bias, scale, offset);
   const float* __restrict__ scale_c = scale.data();
   const float* __restrict__ offset_c = offset.data();
   const float* __restrict__ mu = mp;
@@ -219,10 +266,36 @@ torch::Tensor bn_relu_backward(torch::Tensor dy, torch::Tensor x, torch::Tensor 
   return dx;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  // The GIL is released so that scoring threads run their kernels at the same time.
-  m.def("forward", &bn_relu_forward, "batch norm (training) + ReLU forward: (y, mean, invstd)",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("backward", &bn_relu_backward, "batch norm (training) + ReLU backward: grad of the input",
-        py::call_guard<py::gil_scoped_release>());
+torch::Tensor bn_relu_apply(torch::Tensor x, torch::Tensor mean, torch::Tensor invstd, torch::Tensor weight,
+                            torch::Tensor bias) {
+  check_input(x, "input");
+  x = x.contiguous(at::MemoryFormat::ChannelsLast);
+  weight = weight.to(at::kFloat).contiguous();
+  bias = bias.to(at::kFloat).contiguous();
+  TORCH_CHECK(mean.numel() == x.size(1) && invstd.numel() == x.size(1), "mean and invstd need one value per channel");
+  std::vector<float> scale, offset;
+  affine_terms(mean.contiguous(), invstd.contiguous(), weight, bias, scale, offset);
+  auto y = torch::empty_like(x, x.options(), at::MemoryFormat::ChannelsLast);
+  const int64_t C = x.size(1);
+  const int64_t M = x.numel() / C;
+  if (x.scalar_type() == at::kBFloat16) {
+    apply_rows(x.data_ptr<c10::BFloat16>(), y.data_ptr<c10::BFloat16>(), M, C, scale.data(), offset.data());
+  } else {
+    apply_rows(x.data_ptr<float>(), y.data_ptr<float>(), M, C, scale.data(), offset.data());
+  }
+  return y;
+}
+
+torch::Tensor fisher_terms(torch::Tensor a, torch::Tensor g) {
+  check_input(a, "activation");
+  TORCH_CHECK(a.sizes() == g.sizes(), "activation and gradient shapes differ: ", a.sizes(), " and ", g.sizes());
+  a = a.contiguous(at::MemoryFormat::ChannelsLast);
+  g = g.to(a.scalar_type()).contiguous(at::MemoryFormat::ChannelsLast);
+  auto out = torch::empty({a.size(0), a.size(1)}, a.options().dtype(at::kFloat));
+  if (a.scalar_type() == at::kBFloat16) {
+    fisher_impl<c10::BFloat16>(a, g, out);
+  } else {
+    fisher_impl<float>(a, g, out);
+  }
+  return out;
 }
