@@ -131,7 +131,7 @@ def _search_budgets(args: argparse.Namespace) -> List[Budget]:
     return budgets
 
 
-def _latency_tables(args, space, model, shard) -> dict:
+def _latency_tables(args, space, model, build_candidate, shard) -> dict:
     """Measure (or read from the cache) the latency table when a latency budget is set; rank 0 measures first."""
     if args.budget_latency_ms is None:
         return {}
@@ -144,7 +144,8 @@ def _latency_tables(args, space, model, shard) -> dict:
 
     def load():
         return load_or_build_latency_table(
-            space, model, args.latency_batch_size, "cpu", threads, progress=not args.quiet and shard.rank == 0
+            space, model, args.latency_batch_size, "cpu", threads, progress=not args.quiet and shard.rank == 0,
+            build_candidate=build_candidate,
         )
 
     if shard.distributed and shard.rank != 0:
@@ -156,7 +157,8 @@ def _latency_tables(args, space, model, shard) -> dict:
             dist.barrier()
     if shard.rank == 0:
         print(f"latency table: {space.model_name} at batch {table.batch_size} on {table.device}, "
-              f"{table.num_threads} thread(s): teacher {table.teacher_ms:.3f} ms, fixed part {table.fixed_ms:.3f} ms")
+              f"{table.num_threads} thread(s): teacher {table.teacher_ms:.3f} ms, fixed part {table.fixed_ms:.3f} ms, "
+              f"block scale {table.scale:.3f}")
     return {"latency_ms": table.cost_table()}
 
 
@@ -203,7 +205,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         model = _create_model(args.model, num_classes)
         space, build_candidate = _space_for(model, args.input_size)
         check_budgets(space, [b for b in budgets if b.metric != "latency_ms"])
-        tables = _latency_tables(args, space, model, shard)
+        tables = _latency_tables(args, space, model, build_candidate, shard)
 
         images, labels, _ = load_minibatch(
             args.data, args.batch_size, args.seed, space.input_size,
@@ -263,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "kernel",
-        help="build (first time, about 45 s) or load the fused CPU scoring kernel and print whether it works",
+        help="build (first time, about 80 s) or load the compiled CPU scoring helpers and print whether they work",
     )
     p.set_defaults(func=cmd_kernel)
 

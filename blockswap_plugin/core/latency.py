@@ -2,10 +2,17 @@
 
 Every (site, block type) pair of a :class:`~blockswap_plugin.core.space.SwapSpace`
 is timed on its own, in eval mode, at the site's input shape and a chosen batch
-size. The part of the network outside the sites (stem, head) is the measured
-latency of the whole host model minus the latencies of its own blocks. A
-genotype's predicted latency is that fixed part plus one table entry per site,
-so budgets on latency cost no network builds during sampling.
+size. A genotype's predicted latency is a fixed part plus one table entry per
+site, so budgets on latency cost no network builds during sampling.
+
+Blocks timed on their own take longer than inside a network (their inputs
+are not in cache, each call has its own overhead): on one CPU thread the plain
+sum overestimated whole WRN-16-2 candidates by up to 26 %. So the table is
+calibrated. The host model and a few random candidates are timed whole, and a
+least-squares line ``measured = fixed + scale * sum of block entries`` over
+them sets the fixed part and a scale that multiplies every entry. Without a
+candidate builder, the scale is 1 and the fixed part is the host model's
+latency minus that of its own blocks.
 
 Tables are cached as JSON under ``$BLOCKSWAP_CACHE/latency`` (default
 ``~/.cache/blockswap-plugin/latency``), keyed by the model, its sites, the
@@ -17,11 +24,12 @@ import hashlib
 import json
 import logging
 import platform
+import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -40,6 +48,12 @@ _logger = logging.getLogger(__name__)
 
 # Seconds of repeated runs behind each measurement.
 _MIN_RUN_TIME = 0.1
+# Random whole candidates timed to calibrate a table, besides the host model.
+CALIBRATION_CANDIDATES = 6
+# Seed of the calibration genotypes, apart from any search seed.
+_CALIBRATION_SEED = 20200426
+# Bumped when the way tables are measured changes, so cached tables are measured again.
+_TABLE_VERSION = 2
 
 
 def device_name(device: torch.device) -> str:
@@ -106,10 +120,12 @@ class LatencyTable:
         batch_size: Batch size of the measurements.
         device: Device name (CPU model or GPU name).
         num_threads: Torch threads during the measurements.
-        fixed_ms: Latency outside the sites (host model minus its own blocks).
-        rows: One ``{block type: milliseconds}`` dict per site.
+        fixed_ms: Fixed part of every prediction (calibrated offset, see the module notes).
+        rows: One ``{block type: milliseconds}`` dict per site, each block timed on its own.
         teacher_ms: Measured latency of the whole host model.
         key: Cache key of the table.
+        meta: Free-form notes (torch version, input size, calibration figures).
+        scale: Factor on every row entry (calibrated, 1 without calibration).
     """
 
     model: str
@@ -120,16 +136,17 @@ class LatencyTable:
     rows: List[Dict[str, float]]
     teacher_ms: float
     key: str = ""
-    meta: Dict[str, str] = field(default_factory=dict)
+    meta: Dict[str, object] = field(default_factory=dict)
+    scale: float = 1.0
 
     def predict(self, genotype: Sequence[str]) -> float:
         """Predicted forward latency of a genotype in milliseconds."""
         blocks = getattr(genotype, "blocks", genotype)
-        return self.fixed_ms + sum(self.rows[i][name] for i, name in enumerate(blocks))
+        return self.fixed_ms + self.scale * sum(self.rows[i][name] for i, name in enumerate(blocks))
 
     def cost_table(self) -> CostTable:
-        """Return the table in the sampler's form, for a ``latency_ms`` budget."""
-        return self.fixed_ms, self.rows
+        """Return the table in the sampler's form (scaled entries), for a ``latency_ms`` budget."""
+        return self.fixed_ms, [{name: self.scale * ms for name, ms in row.items()} for row in self.rows]
 
     def save(self, path: Path) -> None:
         write_json_atomic(path, asdict(self))
@@ -139,11 +156,13 @@ class LatencyTable:
         return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
 
 
-def _cache_key(space: SwapSpace, batch_size: int, device: torch.device, num_threads: int) -> str:
+def _cache_key(space: SwapSpace, batch_size: int, device: torch.device, num_threads: int,
+               calibrated: bool) -> str:
     sites = [(s.in_channels, s.out_channels, s.stride, s.input_shape) for s in space.sites]
     text = json.dumps([
         space.model_name, sites, space.block_types, space.fixed_params, list(space.input_size),
         batch_size, device_name(device), str(torch.device(device)), num_threads, torch.__version__,
+        _TABLE_VERSION, CALIBRATION_CANDIDATES if calibrated else 0,
     ])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -159,6 +178,7 @@ def build_latency_table(
     device: torch.device = torch.device("cpu"),
     num_threads: Optional[int] = None,
     progress: bool = True,
+    build_candidate: Optional[Callable[[Sequence[str]], nn.Module]] = None,
 ) -> LatencyTable:
     """Measure the latency table of ``space`` on ``device``.
 
@@ -169,6 +189,9 @@ def build_latency_table(
         device: Device to measure on.
         num_threads: Torch threads; the current count by default.
         progress: Show a tqdm progress bar.
+        build_candidate: Builds a whole candidate from block names; when
+            given, :data:`CALIBRATION_CANDIDATES` random candidates are timed
+            to calibrate the table (see the module notes).
     """
     if batch_size < 1:
         raise BlockSwapError(f"latency batch size must be at least 1, got {batch_size}")
@@ -177,34 +200,73 @@ def build_latency_table(
     _logger.info("measuring latency table of %s at batch %d on %s (%d threads)",
                  space.model_name, batch_size, device_name(device), num_threads)
 
+    def timed(module: nn.Module, shape: Sequence[int]) -> float:
+        return measure_latency(module, (batch_size, *shape), device, num_threads)
+
     cache: Dict[Tuple, float] = {}
     rows: List[Dict[str, float]] = []
-    total = sum(len(space.choices(i)) for i in range(len(space)))
+    calibration = CALIBRATION_CANDIDATES if build_candidate is not None else 0
+    total = sum(len(space.choices(i)) for i in range(len(space))) + calibration
     with tqdm(total=total, desc="latency table", unit="block", disable=not progress) as bar:
         for index, site in enumerate(space.sites):
             row = {}
             for name in space.choices(index):
                 key = (site.in_channels, site.out_channels, site.stride, site.input_shape, name)
                 if key not in cache:
-                    block = space.build_block(site, name)
-                    cache[key] = measure_latency(block, (batch_size, *site.input_shape), device, num_threads)
+                    cache[key] = timed(space.build_block(site, name), site.input_shape)
                 row[name] = round(cache[key], 5)
                 bar.update(1)
             rows.append(row)
 
-    teacher_ms = measure_latency(model, (batch_size, *space.input_size), device, num_threads)
-    own_blocks_ms = sum(
-        measure_latency(model.get_submodule(site.name), (batch_size, *site.input_shape), device, num_threads)
-        for site in space.sites
-    )
+        teacher_ms = timed(model, space.input_size)
+        own_blocks_ms = sum(timed(model.get_submodule(site.name), site.input_shape) for site in space.sites)
+        # (sum of block entries, measured whole) for each calibration network.
+        points = [(own_blocks_ms, teacher_ms)]
+        rng = random.Random(_CALIBRATION_SEED)
+        for _ in range(calibration):
+            blocks = [rng.choice(space.choices(i)) for i in range(len(space))]
+            summed = sum(rows[i][name] for i, name in enumerate(blocks))
+            points.append((summed, timed(build_candidate(blocks), space.input_size)))
+            bar.update(1)
+
+    fixed_ms, scale = _fit_line(points)
+    meta: Dict[str, object] = {"torch": torch.__version__, "input_size": "x".join(map(str, space.input_size))}
+    if calibration:
+        worst = max(abs(fixed_ms + scale * x - y) / y for x, y in points)
+        meta["calibration"] = {"networks": len(points), "worst_relative_error": round(worst, 4),
+                               "block_sum_ms": [round(x, 4) for x, _ in points],
+                               "measured_ms": [round(y, 4) for _, y in points]}
     table = LatencyTable(
         space.model_name, batch_size, device_name(device), num_threads,
-        round(teacher_ms - own_blocks_ms, 5), rows, round(teacher_ms, 5),
-        key=_cache_key(space, batch_size, device, num_threads),
-        meta={"torch": torch.__version__, "input_size": "x".join(map(str, space.input_size))},
+        round(fixed_ms, 5), rows, round(teacher_ms, 5),
+        key=_cache_key(space, batch_size, device, num_threads, bool(calibration)), meta=meta, scale=round(scale, 6),
     )
-    _logger.info("latency table done: teacher %.3f ms, fixed part %.3f ms", teacher_ms, table.fixed_ms)
+    _logger.info("latency table done: teacher %.3f ms, fixed part %.3f ms, scale %.3f", teacher_ms,
+                 table.fixed_ms, table.scale)
     return table
+
+
+def _fit_line(points: Sequence[Tuple[float, float]]) -> Tuple[float, float]:
+    """Least-squares ``y = fixed + scale * x`` through ``(x, y)`` points; with one point, scale 1.
+
+    A scale outside 0.2 to 5 means the timings were too noisy to fit, so the
+    line falls back to scale 1 through the first point (the host model).
+    """
+    first_x, first_y = points[0]
+    fallback = (first_y - first_x, 1.0)
+    if len(points) < 2:
+        return fallback
+    mean_x = statistics.fmean(x for x, _ in points)
+    mean_y = statistics.fmean(y for _, y in points)
+    spread = sum((x - mean_x) ** 2 for x, _ in points)
+    if spread <= 0:
+        return fallback
+    scale = sum((x - mean_x) * (y - mean_y) for x, y in points) / spread
+    if not 0.2 <= scale <= 5.0:
+        _logger.warning("latency calibration gave scale %.3f, outside 0.2 to 5; keeping the plain block sums",
+                        scale)
+        return fallback
+    return mean_y - scale * mean_x, scale
 
 
 def load_or_build_latency_table(
@@ -215,6 +277,7 @@ def load_or_build_latency_table(
     num_threads: Optional[int] = None,
     cache_dir: Optional[Path] = None,
     progress: bool = True,
+    build_candidate: Optional[Callable[[Sequence[str]], nn.Module]] = None,
 ) -> LatencyTable:
     """Return the cached latency table for this space and device, measuring it on the first call.
 
@@ -226,9 +289,12 @@ def load_or_build_latency_table(
         num_threads: Torch threads; the current count by default.
         cache_dir: Folder of cached tables; ``$BLOCKSWAP_CACHE/latency`` by default.
         progress: Show a tqdm progress bar while measuring.
+        build_candidate: Builds a whole candidate from block names; when
+            given, the table is calibrated (calibrated and plain tables are
+            cached apart).
     """
     num_threads = num_threads or torch.get_num_threads()
-    key = _cache_key(space, batch_size, device, num_threads)
+    key = _cache_key(space, batch_size, device, num_threads, build_candidate is not None)
     path = Path(cache_dir or _cache_dir()) / f"{space.model_name}-b{batch_size}-t{num_threads}-{key}.json"
     if path.is_file():
         try:
@@ -238,7 +304,7 @@ def load_or_build_latency_table(
         else:
             _logger.info("latency table read from %s", path)
             return table
-    table = build_latency_table(space, model, batch_size, device, num_threads, progress)
+    table = build_latency_table(space, model, batch_size, device, num_threads, progress, build_candidate)
     table.save(path)
     _logger.info("latency table written to %s", path)
     return table
