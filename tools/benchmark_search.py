@@ -7,7 +7,8 @@ weight gradients on. It runs in this one process with torch's default thread
 count. Our search runs with its defaults (fast precision, one scoring thread
 per core).
 
-Printed, in one run on the same minibatch of real CIFAR-10:
+Printed, in one run on the same minibatch of real CIFAR-10 (our search runs
+first, then the baseline, then the exact agreement run):
 
 * marginal seconds per candidate (start-up excluded) and peak memory for the
   baseline and for our search, and their ratio;
@@ -177,10 +178,12 @@ def run_search(space, build, images, labels, budgets, args, samples: int, precis
 
 
 def rewrites_in_use() -> str:
-    """Describe the candidate rewrites that CPU scoring applies in this process."""
+    """Describe the candidate rewrites and memory handling that CPU scoring uses in this process."""
     parts = ["merged conv groups", "weight-only conv backward"]
     if fused_kernel() is not None:
-        parts.insert(0, "fused BN+ReLU kernel")
+        parts[:0] = ["fused BN+ReLU kernel", "fused BN+ReLU+conv with deferred Fisher terms"]
+        if os.environ.get("BLOCKSWAP_BLOCK_CACHE", "1") != "0":
+            parts.append("block cache")
     return " + ".join(parts)
 
 
@@ -251,9 +254,11 @@ def main(argv=None) -> int:
             write_json_atomic(args.json, figures)
         return 0
 
-    base = run_baseline(build, genotypes, images, labels, args.seed, args.baseline_samples, args.baseline_threads)
+    # Our search runs first, so that its peak RSS does not include heap that
+    # glibc keeps from the baseline's fp32 passes.
     ours = run_search(space, build, images, labels, budgets, args, args.samples, args.precision,
                       refine_top=8, rss_at=min(50, args.samples))
+    base = run_baseline(build, genotypes, images, labels, args.seed, args.baseline_samples, args.baseline_threads)
     result = ours["result"]
     workers = result.extra["workers"]
     base_marginal = marginal_seconds(base["finish"], args.warmup)
@@ -328,7 +333,8 @@ def latency_comparison(model, space, build, images, labels, args) -> Dict:
     # One thread: its latency is measured as thread CPU time, which other jobs
     # on a shared machine barely disturb.
     threads = 1
-    table = load_or_build_latency_table(space, model, batch_size=1, num_threads=threads, progress=not args.quiet)
+    table = load_or_build_latency_table(space, model, batch_size=1, num_threads=threads, progress=not args.quiet,
+                                        build_candidate=build)
     tables = {"latency_ms": table.cost_table()}
     latency = Budget("latency_ms", table.teacher_ms / 2, kind="max")
     rows = []
