@@ -99,6 +99,12 @@ def load_minibatch(
         transform = create_transform(tuple(input_size), is_training=True, **kwargs)
     dataset = open_image_dataset(path, transform)
     num_classes = count_classes(dataset)
+    if num_classes is not None and num_classes < 2:
+        # With one class the cross-entropy gradient is zero, so every Fisher potential would be 0.
+        raise BlockSwapError(
+            f"{path} contains images of {num_classes} class; scoring needs at least 2 classes, "
+            "one subfolder (or tar folder) of images per class"
+        )
     if batch_size > len(dataset):
         raise BlockSwapError(f"batch size {batch_size} is larger than the {len(dataset)} images in {path}")
 

@@ -97,6 +97,21 @@ def test_search_missing_data(run, tmp_path):
     assert not out.exists()
 
 
+def test_search_one_class_data(run, tmp_path):
+    # A folder with a single class folder: every Fisher potential would be 0.
+    from PIL import Image
+
+    images = tmp_path / "data" / "only"
+    images.mkdir(parents=True)
+    for index in range(4):
+        Image.new("RGB", (32, 32), (index * 40, 0, 0)).save(images / f"{index}.png")
+    out = tmp_path / "x.json"
+    result = run("search", "wrn_16_2", "--data", tmp_path / "data", "--budget-params", 100_000, "--batch-size", 2,
+                 "--out", out)
+    assert_one_line_error(result, "1 class", "at least 2 classes")
+    assert not out.exists()
+
+
 def test_search_out_under_a_file(run, tmp_path, cifar_train):
     blocker = tmp_path / "afile"
     blocker.write_text("")
