@@ -60,8 +60,8 @@ def cpu_block_cache(limit_bytes: Optional[int] = None) -> Iterator[bool]:
     """Serve CPU tensors of 1 MB and more from the block cache inside the ``with`` block.
 
     Nested uses share the outer one. On leaving the outermost block, the
-    cached blocks are unmapped and torch's allocator serves new tensors again;
-    tensors still alive keep their memory until they are freed.
+    cached blocks are unmapped and torch's allocator serves new tensors again.
+    Tensors still alive keep their memory until they are freed.
 
     Args:
         limit_bytes: Live plus cached bytes above which free blocks are

@@ -11,8 +11,8 @@ memory of one forward and backward pass:
   and keeps only its input. Running statistics are not updated.
 * :func:`fuse_batchnorm_relu_conv_` does the same for a declared batch norm +
   ReLU + convolution triple, as one autograd step that keeps only the batch
-  norm input. When the triple ends a residual branch, the scorer asks the
-  step for the Fisher term (:func:`defer_fisher`): the backward pass
+  norm input. When the triple ends a residual branch, the scorer requests the
+  Fisher term from the step (:func:`defer_fisher`): the backward pass
   recomputes the branch output from the kept input, so the output is not kept
   between the passes.
 * :func:`merge_conv_groups_` rewrites grouped 3x3 convolutions with few
@@ -130,7 +130,8 @@ def _build_name() -> str:
     except OSError:
         flags = platform.processor()
     digest = hashlib.sha256()
-    parts = (*(path.read_bytes() for path in _SOURCES + _HEADERS), " ".join(_compile_flags()).encode(), torch.__version__.encode(),
+    sources = (path.read_bytes() for path in _SOURCES + _HEADERS)
+    parts = (*sources, " ".join(_compile_flags()).encode(), torch.__version__.encode(),
              flags.encode(), platform.machine().encode())
     for part in parts:
         digest.update(part)
@@ -165,7 +166,8 @@ def fused_kernel() -> Optional[object]:
             else:
                 _logger.info("compiling the fused batch norm + ReLU kernel into %s (about 80 s, once)", folder)
             _KERNEL = cpp_extension.load(
-                name, [str(path) for path in _SOURCES], extra_cflags=_compile_flags(), build_directory=str(folder), verbose=False
+                name, [str(path) for path in _SOURCES], extra_cflags=_compile_flags(), build_directory=str(folder),
+                verbose=False,
             )
         except Exception as error:  # noqa: BLE001 - any build failure means: use eager torch
             lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -218,17 +220,35 @@ class BatchNormReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bn = self.bn
-        usable = (
-            x.dim() == 4 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and bn.affine and not bn.weight.requires_grad and not bn.bias.requires_grad
-        )
-        if not usable:
-            return torch.relu(nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps))
+        if not _kernel_takes(x, bn):
+            return _eager_batchnorm_relu(x, bn)
         return _BatchNormReLUFunction.apply(x, bn.weight, bn.bias, float(bn.eps), self.kernel)
 
 
 def _conv_args(conv: nn.Conv2d) -> Tuple:
     return (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
+
+
+def _conv_input_gradient(grad: torch.Tensor, conv_input: torch.Tensor, weight: torch.Tensor, conv_args: Tuple
+                         ) -> torch.Tensor:
+    """Return the input gradient of a bias-free convolution; only the shape and layout of ``conv_input`` are read."""
+    stride, padding, dilation, groups = conv_args
+    return torch.ops.aten.convolution_backward(
+        grad, conv_input, weight, None, list(stride), list(padding), list(dilation),
+        False, [0, 0], groups, [True, False, False],
+    )[0]
+
+
+def _kernel_takes(x: torch.Tensor, bn: nn.BatchNorm2d) -> bool:
+    """Return whether the compiled kernel can normalise ``x`` with ``bn`` (else eager torch does)."""
+    return (
+        x.dim() == 4 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+        and bn.affine and not bn.weight.requires_grad and not bn.bias.requires_grad
+    )
+
+
+def _eager_batchnorm_relu(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+    return torch.relu(nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps))
 
 
 class _BatchNormReLUConvFunction(torch.autograd.Function):
@@ -251,19 +271,15 @@ class _BatchNormReLUConvFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         z, mean, invstd, weight, bias, conv_weight = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv_args
         grad = grad.to(conv_weight.dtype)
         if ctx.fisher is not None:
             h = ctx.kernel.apply(z, mean, invstd, weight, bias).to(conv_weight.dtype)
             with torch.autocast("cpu", enabled=False):
                 ctx.fisher(nn.functional.conv2d(h, conv_weight, None, *ctx.conv_args), grad)
         else:
-            # Only the shape and layout of this stand-in input are read.
+            # The kernel's output layout: only shape and layout are read.
             h = torch.empty(z.shape, dtype=conv_weight.dtype, memory_format=torch.channels_last)
-        grad_h = torch.ops.aten.convolution_backward(
-            grad, h, conv_weight, None, list(stride), list(padding), list(dilation),
-            False, [0, 0], groups, [True, False, False],
-        )[0]
+        grad_h = _conv_input_gradient(grad, h, conv_weight, ctx.conv_args)
         del h
         ctx.input = None
         return ctx.kernel.backward(grad_h, z, mean, invstd, weight, bias), None, None, None, None, None, None
@@ -278,8 +294,8 @@ def defer_fisher(output: torch.Tensor, fisher) -> torch.Tensor:
     """Have ``fisher(output, gradient)`` called in the backward pass of the step that made ``output``.
 
     The output is recomputed there from the kept batch norm input, so it
-    need not be kept between the passes. Returns the batch norm input, a tensor whose gradient
-    request makes the backward pass reach that step.
+    need not be kept between the passes. Returns the batch norm input: a
+    gradient request for it makes the backward pass reach that step.
     """
     node = output.grad_fn
     node.fisher = fisher
@@ -310,13 +326,8 @@ class BatchNormReLUConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bn, conv = self.bn, self.conv
-        usable = (
-            x.dim() == 4 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and bn.affine and not bn.weight.requires_grad and not bn.bias.requires_grad
-            and not conv.weight.requires_grad
-        )
-        if not usable:
-            return conv(torch.relu(nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)))
+        if not _kernel_takes(x, bn) or conv.weight.requires_grad:
+            return conv(_eager_batchnorm_relu(x, bn))
         return _BatchNormReLUConvFunction.apply(x, bn.weight, bn.bias, float(bn.eps), conv.weight, _conv_args(conv),
                                                 self.kernel)
 
@@ -455,10 +466,7 @@ class _InputGradConv2dFunction(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conv
         # Only the shape and layout of this stand-in input are read.
         stand_in = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
-        grad_input = torch.ops.aten.convolution_backward(
-            grad.to(dtype), stand_in, weight, None, list(stride), list(padding), list(dilation),
-            False, [0, 0], groups, [True, False, False],
-        )[0]
+        grad_input = _conv_input_gradient(grad.to(dtype), stand_in, weight, (stride, padding, dilation, groups))
         return grad_input, None, None, None, None, None
 
 

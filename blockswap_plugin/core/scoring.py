@@ -34,7 +34,7 @@ Precisions (``PRECISIONS``):
 from __future__ import annotations
 
 import logging
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -174,32 +174,32 @@ class FisherScorer:
 
     def _score_points(self, model: nn.Module, points: List[BranchPoint], clone: bool) -> Optional[float]:
         """Run one forward and backward pass; return None if a stored activation was overwritten."""
-        kept: List[_Kept] = []
-        # Fisher terms per kept entry; deferred entries fill theirs in the backward pass.
+        outputs: List[_BranchOutput] = []
+        # Fisher terms per branch output; deferred entries fill theirs in the backward pass.
         terms: List[Optional[torch.Tensor]] = []
-        handles = _keep_branch_outputs(points, kept, clone, self._fisher_terms, terms)
+        handles = _keep_branch_outputs(points, outputs, clone, self._fisher_terms, terms)
         try:
             with torch.enable_grad(), torch.autocast(
                 self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
             ):
                 # No parameter requires a gradient, so the input carries the graph.
                 logits = model(self.images.detach().requires_grad_())
-            if len(kept) != len(points):
+            if len(outputs) != len(points):
                 raise BlockSwapError(
-                    f"{len(points)} residual blocks were found but {len(kept)} ran in the forward pass; "
+                    f"{len(points)} residual blocks were found but {len(outputs)} ran in the forward pass; "
                     "cannot score a model that skips blocks"
                 )
-            if any(entry.version is not None and entry.tensor._version != entry.version for entry in kept):
+            if any(entry.version is not None and entry.tensor._version != entry.version for entry in outputs):
                 return None
             loss = F.cross_entropy(logits.float(), self.labels)
             del logits
-            targets = [entry.tensor for entry in kept]
+            targets = [entry.tensor for entry in outputs]
             gradients = torch.autograd.grad(loss, targets)
         finally:
             for handle in handles:
                 handle.remove()
         with torch.no_grad():
-            for index, (entry, gradient) in enumerate(zip(kept, gradients)):
+            for index, (entry, gradient) in enumerate(zip(outputs, gradients)):
                 if entry.version is not None:
                     terms[index] = self._fisher_terms(entry.tensor, gradient)
         if any(term is None for term in terms):
@@ -216,7 +216,7 @@ class FisherScorer:
         return (activation.float() * gradient.float()).sum(dim=dims)
 
 
-class _Kept:
+class _BranchOutput:
     """A branch output seen in the forward pass: the tensor to ask a gradient for, and its version.
 
     A deferred entry (``version`` None) contains the input of the step that made
@@ -230,9 +230,9 @@ class _Kept:
         self.version = version
 
 
-def _keep_branch_outputs(points: List[BranchPoint], kept: List[_Kept], clone: bool, fisher_terms,
+def _keep_branch_outputs(points: List[BranchPoint], outputs: List[_BranchOutput], clone: bool, fisher_terms,
                          terms: List[Optional[torch.Tensor]]) -> list:
-    """Hook every branch point so that its activation (or a deferred entry) lands in ``kept``.
+    """Hook every branch point so that its activation (or a deferred entry) lands in ``outputs``.
 
     A branch output made by a fused batch norm + ReLU + convolution step is
     not kept: the step recomputes it in the backward pass and stores its
@@ -243,15 +243,15 @@ def _keep_branch_outputs(points: List[BranchPoint], kept: List[_Kept], clone: bo
     handles = []
 
     def keep(tensor: torch.Tensor) -> torch.Tensor:
-        index = len(kept)
+        index = len(outputs)
         terms.append(None)
         if is_batchnorm_relu_conv_output(tensor):
             def store(activation, gradient, index=index):
                 terms[index] = fisher_terms(activation, gradient)
 
-            kept.append(_Kept(defer_fisher(tensor, store), None))
+            outputs.append(_BranchOutput(defer_fisher(tensor, store), None))
             return tensor
-        kept.append(_Kept(tensor, tensor._version))
+        outputs.append(_BranchOutput(tensor, tensor._version))
         return tensor.clone() if clone else tensor
 
     for point in points:
