@@ -68,6 +68,50 @@ def test_kernel_matches_float64_reference(kernel, shape):
     assert torch.allclose(dx.double(), dx_ref, rtol=1e-4, atol=1e-5)
 
 
+# Channel counts below and between multiples of 32 run through the kernel's
+# repeated-row periods; 7 x 7 positions leave rows after the last whole period.
+@pytest.mark.parametrize("channels", [1, 2, 8, 12, 16, 24, 40, 100])
+def test_kernel_narrow_channels_match_reference(kernel, channels):
+    torch.manual_seed(channels)
+    shape = (5, channels, 7, 7)
+    x = torch.randn(shape) * 2 - 0.5
+    weight = torch.rand(channels) + 0.5
+    bias = torch.randn(channels) * 0.3
+    grad = torch.randn(shape)
+    y_ref, dx_ref = reference_bn_relu(x, weight, bias, 1e-5, grad)
+    x_in = x.contiguous(memory_format=torch.channels_last)
+    y, mean, invstd = kernel.forward(x_in, weight, bias, 1e-5)
+    dx = kernel.backward(grad.contiguous(memory_format=torch.channels_last), x_in, mean, invstd, weight, bias)
+    assert torch.allclose(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(dx.double(), dx_ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(kernel.apply(x_in, mean, invstd, weight, bias), y)
+    a = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    expected = torch.einsum("nchw,nchw->nc", a.double(), grad.double())
+    assert torch.allclose(kernel.fisher_terms(a, grad.contiguous(memory_format=torch.channels_last)).double(),
+                          expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels", [8, 24, 64])
+def test_kernel_same_bits_for_any_thread_count(kernel, channels):
+    torch.manual_seed(3)
+    shape = (16, channels, 12, 12)
+    x = (torch.randn(shape) * 2).bfloat16().contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(shape).bfloat16().contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.rand(channels) + 0.5, torch.randn(channels) * 0.2
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            y, mean, invstd = kernel.forward(x, weight, bias, 1e-5)
+            results.append((y, mean, invstd, kernel.backward(grad, x, mean, invstd, weight, bias),
+                            kernel.fisher_terms(x, grad)))
+    finally:
+        torch.set_num_threads(old)
+    for one_thread, two_threads in zip(*results):
+        assert torch.equal(one_thread, two_threads)
+
+
 @pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="CPU without native bf16")
 def test_kernel_in_bf16_matches_eager_bf16(kernel):
     torch.manual_seed(1)
