@@ -69,7 +69,7 @@ def test_kernel_matches_float64_reference(kernel, shape):
 
 
 # Channel counts below and between multiples of 32 run through the kernel's
-# repeated-row periods; 7 x 7 positions leave rows after the last whole period.
+# repeated-row periods. With 7 x 7 positions, rows are left after the last whole period.
 @pytest.mark.parametrize("channels", [1, 2, 8, 12, 16, 24, 40, 100])
 def test_kernel_narrow_channels_match_reference(kernel, channels):
     torch.manual_seed(channels)
@@ -89,6 +89,15 @@ def test_kernel_narrow_channels_match_reference(kernel, channels):
     expected = torch.einsum("nchw,nchw->nc", a.double(), grad.double())
     assert torch.allclose(kernel.fisher_terms(a, grad.contiguous(memory_format=torch.channels_last)).double(),
                           expected, rtol=1e-5, atol=1e-4)
+
+
+def test_kernel_rejects_empty_input(kernel):
+    empty = torch.zeros(0, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.ones(8), torch.zeros(8)
+    with pytest.raises(RuntimeError, match="must not be empty"):
+        kernel.forward(empty, weight, bias, 1e-5)
+    with pytest.raises(RuntimeError, match="must not be empty"):
+        kernel.fisher_terms(empty, empty)
 
 
 @pytest.mark.parametrize("channels", [8, 24, 64])

@@ -77,6 +77,13 @@ struct Periods {
     for (int64_t j = 0; j < period; ++j) out[j] = per_channel[j % C];
     return out;
   }
+  // Adds one period of values, laid out like repeat's output, to C per-channel sums.
+  template <typename Sum>
+  void fold(const float* repeated, Sum* per_channel) const {
+    for (int64_t start = 0; start < period; start += C) {
+      for (int64_t c = 0; c < C; ++c) per_channel[c] += repeated[start + c];
+    }
+  }
 };
 
 // Units per chunk of the sums: about kChunkRows rows.
@@ -105,11 +112,7 @@ void period_sums(const Periods& layout, int64_t terms, UnitFn unit_fn, std::vect
   out.assign(static_cast<size_t>(terms * layout.C), 0.0);
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
     const float* acc = partial.data() + chunk * width;
-    for (int64_t t = 0; t < terms; ++t) {
-      for (int64_t start = 0; start < layout.period; start += layout.C) {
-        for (int64_t c = 0; c < layout.C; ++c) out[t * layout.C + c] += acc[t * layout.period + start + c];
-      }
-    }
+    for (int64_t t = 0; t < terms; ++t) layout.fold(acc + t * layout.period, out.data() + t * layout.C);
   }
 }
 
@@ -138,6 +141,7 @@ void apply_rows(const T* __restrict__ xp, T* __restrict__ yp, int64_t M, int64_t
 void check_input(const torch::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu(), name, " must be on the CPU, got ", x.device());
   TORCH_CHECK(x.dim() == 4, name, " must be N x C x H x W, got ", x.dim(), " dimensions");
+  TORCH_CHECK(x.numel() > 0, name, " must not be empty, got shape ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               name, " must be float32 or bfloat16, got ", x.scalar_type());
 }
@@ -215,9 +219,7 @@ void fisher_impl(const torch::Tensor& a, const torch::Tensor& g, torch::Tensor& 
       }
       float* __restrict__ row = op + n * C;
       for (int64_t c = 0; c < C; ++c) row[c] = 0.f;
-      for (int64_t start = 0; start < layout.period; start += C) {
-        for (int64_t c = 0; c < C; ++c) row[c] += acc[start + c];
-      }
+      layout.fold(acc, row);
     }
   });
 }
