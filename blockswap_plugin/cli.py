@@ -119,6 +119,13 @@ def _print_ranking(result, top: int) -> None:
 
 
 def _search_budgets(args: argparse.Namespace) -> List[Budget]:
+    # Checked before any data is read or a latency table is measured (a minute or more).
+    for option in ("budget_params", "budget_macs", "budget_latency_ms"):
+        value = getattr(args, option)
+        if value is not None and not float(value) > 0:
+            raise BlockSwapError(f"--{option.replace('_', '-')} must be positive, got {value:g}")
+    if not 0 < args.tolerance < 1:
+        raise BlockSwapError(f"--tolerance must be between 0 and 1, got {args.tolerance:g}; 0.025 means +-2.5 %")
     budgets = []
     if args.budget_params is not None:
         budgets.append(Budget("params", float(args.budget_params), args.tolerance))

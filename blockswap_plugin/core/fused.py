@@ -17,10 +17,11 @@ memory of one forward and backward pass:
   between the passes.
 * :func:`merge_conv_groups_` rewrites grouped 3x3 convolutions with few
   channels per group as convolutions with fewer, wider groups whose weights
-  are block diagonal (zeros outside the original groups). oneDNN runs these
-  much faster on CPU than convolutions of 2 to 8 channels per group. The
-  products outside the original groups are exact zeros, so only the order of
-  the float sums changes.
+  are block diagonal (zeros outside the original groups). oneDNN runs some
+  narrow groups several times slower on CPU than wider ones; which widths
+  are slow depends on the CPU (:data:`GROUP_WIDTHS`). The products outside
+  the original groups are exact zeros, so only the order of the float sums
+  changes.
 * :func:`drop_conv_inputs_` makes convolutions keep only their weight for
   the backward pass. Without weight gradients the input gradient does not
   need the input, but eager torch keeps it anyway; this halves the memory
@@ -69,6 +70,8 @@ __all__ = [
     "fuse_batchnorm_relu_",
     "merge_conv_groups_",
     "merged_group_count",
+    "GROUP_WIDTHS",
+    "cpu_family",
     "register_batchnorm_relu_pairs",
 ]
 
@@ -397,22 +400,51 @@ def fuse_batchnorm_relu_(model: nn.Module, kernel: Optional[object] = None, skip
     return fused
 
 
-def merged_group_count(conv: nn.Conv2d) -> int:
-    """Number of groups :func:`merge_conv_groups_` gives ``conv`` on CPU.
+# Narrowest channels per group that merge_conv_groups_ leaves a 3x3 convolution
+# with, at stride 1 and 2, by CPU family: oneDNN bf16 timings on one core of an
+# AMX Xeon and of an AMD EPYC (docs/benchmarks.md, "Merged convolution groups").
+GROUP_WIDTHS: Dict[str, Tuple[int, int]] = {"amx": (16, 32), "other": (4, 8)}
+_CPU_FAMILY: Optional[str] = None
 
-    NOTE: the thresholds come from oneDNN timings of bf16 3x3 convolutions on
-    one core of an AVX-512/AMX Xeon (``docs/benchmarks.md``). There,
-    convolutions with fewer than 16 input channels per group (32 at stride 2)
-    were slower than with wider groups, up to 19x for a strided depthwise one.
-    A depthwise convolution at stride 1 was fast and is kept. Other CPUs may
-    favour other thresholds.
+
+def cpu_family() -> str:
+    """Return ``"amx"`` on CPUs with AMX-BF16 tiles (read from /proc/cpuinfo), else ``"other"``."""
+    global _CPU_FAMILY
+    if _CPU_FAMILY is None:
+        flags = ""
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as info:
+                flags = next((line for line in info if line.startswith("flags")), "")
+        except OSError:
+            pass
+        _CPU_FAMILY = "amx" if "amx_bf16" in flags.split() else "other"
+    return _CPU_FAMILY
+
+
+def merged_group_count(conv: nn.Conv2d, family: Optional[str] = None) -> int:
+    """Return the number of groups :func:`merge_conv_groups_` gives ``conv`` on CPU.
+
+    A grouped 3x3 convolution with fewer channels per group than
+    :data:`GROUP_WIDTHS` gives for its stride gets the most groups that are
+    at least that wide. A depthwise convolution at stride 1 was fast on every
+    CPU measured and is kept.
+
+    Args:
+        conv: The convolution.
+        family: Key of :data:`GROUP_WIDTHS`, or None for this machine's :func:`cpu_family`.
+
+    NOTE: only the two CPUs named at :data:`GROUP_WIDTHS` were measured;
+    CPUs without AVX-512 get the second rule untested.
     """
     groups = conv.groups
     if groups == 1 or conv.kernel_size == (1, 1):
         return groups
     if groups == conv.in_channels == conv.out_channels and conv.stride == (1, 1):
         return groups
-    width = 16 if conv.stride == (1, 1) else 32
+    family = family or cpu_family()
+    if family not in GROUP_WIDTHS:
+        raise ValueError(f"unknown CPU family {family!r}; use one of {', '.join(GROUP_WIDTHS)}")
+    width = GROUP_WIDTHS[family][0 if conv.stride == (1, 1) else 1]
     fits = [d for d in range(1, groups + 1) if groups % d == 0 and conv.in_channels // d >= width]
     return max(fits) if fits else 1
 

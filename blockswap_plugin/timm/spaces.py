@@ -118,6 +118,12 @@ def _resnet_space(model: nn.Module, input_size: Tuple[int, int, int]) -> Tuple[S
 def _unsupported(model: nn.Module) -> BlockSwapError:
     from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureListNet
 
+    if not isinstance(model, nn.Module):
+        hint = f"timm.create_model({model!r})" if isinstance(model, str) else "timm.create_model(name)"
+        return BlockSwapError(
+            f"expected a model (torch.nn.Module), got {type(model).__name__} {model!r:.80}; "
+            f"build the model first, for example with {hint}"
+        )
     if isinstance(model, (FeatureListNet, FeatureDictNet, FeatureGetterNet)):
         return BlockSwapError(
             f"{type(model).__name__} is a features_only wrapper, which returns feature maps instead of logits, "

@@ -89,6 +89,22 @@ def test_search_impossible_budget(run, tmp_path, cifar_train):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [(["--budget-latency-ms", -3], "--budget-latency-ms must be positive, got -3"),
+     (["--budget-params", 0], "--budget-params must be positive, got 0"),
+     (["--budget-macs", 4e7, "--tolerance", 1.5], "--tolerance must be between 0 and 1, got 1.5")],
+)
+def test_search_bad_budget_fails_first(run, tmp_path, options, message):
+    # The data folder contains no images, so reading it would fail with another
+    # error: the budget error must come first, before the data is read or a
+    # latency table is measured.
+    out = tmp_path / "x.json"
+    result = run("search", "wrn_40_2", "--data", tmp_path, *options, "--out", out)
+    assert_one_line_error(result, message)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_search_missing_data(run, tmp_path):
     out = tmp_path / "x.json"
     missing = tmp_path / "no-such-cifar" / "train.tar"

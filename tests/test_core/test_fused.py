@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import blockswap_plugin.timm  # noqa: F401  (registers wrn_*)
+from blockswap_plugin.core import fused
 from blockswap_plugin.core.fused import (
     BatchNormReLU,
     BatchNormReLUConv,
@@ -152,13 +153,18 @@ def test_fuse_replaces_only_registered_pairs(kernel):
 
 
 @pytest.mark.parametrize(
-    "channels, groups, stride, expected",
-    [(32, 8, 1, 2), (32, 16, 1, 2), (64, 16, 1, 4), (16, 8, 1, 1), (32, 32, 1, 32), (32, 32, 2, 1),
-     (64, 32, 2, 2), (128, 4, 1, 4), (24, 12, 1, 1)],
+    "family, channels, groups, stride, expected",
+    [("amx", 32, 8, 1, 2), ("amx", 32, 16, 1, 2), ("amx", 64, 16, 1, 4), ("amx", 16, 8, 1, 1),
+     ("amx", 32, 32, 1, 32), ("amx", 32, 32, 2, 1), ("amx", 64, 32, 2, 2), ("amx", 128, 4, 1, 4),
+     ("amx", 24, 12, 1, 1),
+     ("other", 32, 8, 1, 8), ("other", 32, 16, 1, 8), ("other", 64, 16, 1, 16), ("other", 16, 8, 1, 4),
+     ("other", 32, 32, 1, 32), ("other", 32, 32, 2, 4), ("other", 64, 32, 2, 8), ("other", 24, 12, 1, 6)],
 )
-def test_merged_groups_compute_the_same_convolution(channels, groups, stride, expected):
+def test_merged_groups_compute_the_same_convolution(monkeypatch, family, channels, groups, stride, expected):
     torch.manual_seed(2)
     conv = nn.Conv2d(channels, channels, 3, stride, 1, groups=groups, bias=False)
+    assert merged_group_count(conv, family) == expected
+    monkeypatch.setattr(fused, "_CPU_FAMILY", family)
     assert merged_group_count(conv) == expected
     x = torch.randn(2, channels, 9, 9)
     before = conv(x)
@@ -292,3 +298,9 @@ def test_triples_fused_where_registered(kernel):
     assert type(branch.bn2.conv) is nn.Conv2d
     plain = PreActBlock(32, 32, 1, "Conv")
     assert fuse_batchnorm_relu_conv_(plain, kernel) == 0
+
+
+def test_merged_group_count_rejects_unknown_family():
+    conv = nn.Conv2d(32, 32, 3, 1, 1, groups=16, bias=False)
+    with pytest.raises(ValueError, match="unknown CPU family 'sse'"):
+        merged_group_count(conv, "sse")

@@ -1,4 +1,5 @@
 """The search loop: scoring threads, exact rescoring of the top, budgets from cost tables, errors."""
+import gc
 import threading
 
 import pytest
@@ -118,3 +119,20 @@ def test_result_json_has_all_scores(space_and_builder, cifar_batch):
     assert data["precision"] in ("bf16", "fp32")
     assert all(data["precision"] in c["scores"] for c in data["candidates"])
     assert torch.isfinite(torch.tensor([c["score"] for c in data["candidates"]])).all()
+
+
+def test_scoring_freezes_heap_while_running():
+    frozen_before = gc.get_freeze_count()
+    during = []
+    scores = score_indices(lambda i: during.append(gc.get_freeze_count()) or float(i), range(4), num_workers=2)
+    assert scores == {i: float(i) for i in range(4)}
+    # Everything alive when scoring started sat in the permanent generation.
+    assert min(during) > frozen_before
+    assert gc.get_freeze_count() == frozen_before
+
+    def fail(index):
+        raise ValueError("boom")
+
+    with pytest.raises(RuntimeError):
+        score_indices(fail, range(2), num_workers=1)
+    assert gc.get_freeze_count() == frozen_before

@@ -156,3 +156,10 @@ def test_unsupported_family_lists_supported(name, cifar_batch):
     model = timm.create_model(name, num_classes=10)
     with pytest.raises(bp.BlockSwapError, match="supported families: wrn_"):
         bp.blockswap(model, cifar_batch, 0.25, num_samples=2)
+
+
+def test_model_name_string_rejected():
+    with pytest.raises(bp.BlockSwapError, match=r"got str 'wrn_40_2'.*timm.create_model\('wrn_40_2'\)"):
+        create_space("wrn_40_2", (3, 32, 32))
+    with pytest.raises(bp.BlockSwapError, match="got NoneType"):
+        candidate_builder(None)
