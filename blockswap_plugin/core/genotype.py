@@ -86,9 +86,11 @@ class Genotype:
         """Read a genotype JSON file (also a ``blockswap search`` result file).
 
         Raises:
-            BlockSwapError: If the file is missing, is not JSON, or names an unknown block type.
+            BlockSwapError: If the path is a folder or missing, is not JSON, or names an unknown block type.
         """
         path = Path(path)
+        if path.is_dir():
+            raise BlockSwapError(f"genotype path {path} is a folder; pass the path of a genotype JSON file in it")
         if not path.is_file():
             raise BlockSwapError(f"genotype file not found: {path}; pass the path of a genotype JSON file")
         try:

@@ -81,6 +81,12 @@ def test_count_wrong_length_genotype(run, tmp_path):
     assert_one_line_error(run("count", "wrn_40_2", "--genotype", path), "6 blocks", "18")
 
 
+def test_count_genotype_folder_or_missing(run, tmp_path):
+    assert_one_line_error(run("count", "wrn_40_2", "--genotype", tmp_path), str(tmp_path), "is a folder")
+    missing = tmp_path / "none.json"
+    assert_one_line_error(run("count", "wrn_40_2", "--genotype", missing), "genotype file not found", str(missing))
+
+
 def test_search_impossible_budget(run, tmp_path, cifar_train):
     out = tmp_path / "x.json"
     result = run("search", "wrn_40_2", "--data", cifar_train, "--budget-params", 50_000, "--samples", 2, "--out", out)
