@@ -18,7 +18,7 @@ memory of one forward and backward pass:
 * :func:`merge_conv_groups_` rewrites grouped 3x3 convolutions with few
   channels per group as convolutions with fewer, wider groups whose weights
   are block diagonal (zeros outside the original groups). oneDNN runs some
-  narrow groups several times slower on CPU than wider ones; which widths
+  narrow groups several times slower on CPU than wider ones, and which widths
   are slow depends on the CPU (:data:`GROUP_WIDTHS`). The products outside
   the original groups are exact zeros, so only the order of the float sums
   changes.
@@ -123,14 +123,20 @@ def _compile_flags() -> List[str]:
     return flags
 
 
+def _cpu_flags_line() -> Optional[str]:
+    """Return the first ``flags`` line of /proc/cpuinfo ("" if it has none), or None where the file cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            return next((line for line in info if line.startswith("flags")), "")
+    except OSError:
+        return None
+
+
 def _build_name() -> str:
     # -march=native code must not be loaded on another CPU, so the CPU's flags
     # are part of the key, with the source, the compiler flags and the torch build.
-    flags = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            flags = next((line for line in info if line.startswith("flags")), "")
-    except OSError:
+    flags = _cpu_flags_line()
+    if flags is None:
         flags = platform.processor()
     digest = hashlib.sha256()
     sources = (path.read_bytes() for path in _SOURCES + _HEADERS)
@@ -400,9 +406,8 @@ def fuse_batchnorm_relu_(model: nn.Module, kernel: Optional[object] = None, skip
     return fused
 
 
-# Narrowest channels per group that merge_conv_groups_ leaves a 3x3 convolution
-# with, at stride 1 and 2, by CPU family: oneDNN bf16 timings on one core of an
-# AMX Xeon and of an AMD EPYC (docs/benchmarks.md, "Merged convolution groups").
+# Minimum channels per group that merge_conv_groups_ gives a 3x3 convolution, at stride 1 and 2, by CPU
+# family, from oneDNN bf16 timings on an AMX Xeon and an AMD EPYC (docs/benchmarks.md, "Merged convolution groups").
 GROUP_WIDTHS: Dict[str, Tuple[int, int]] = {"amx": (16, 32), "other": (4, 8)}
 _CPU_FAMILY: Optional[str] = None
 
@@ -411,12 +416,7 @@ def cpu_family() -> str:
     """Return ``"amx"`` on CPUs with AMX-BF16 tiles (read from /proc/cpuinfo), else ``"other"``."""
     global _CPU_FAMILY
     if _CPU_FAMILY is None:
-        flags = ""
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as info:
-                flags = next((line for line in info if line.startswith("flags")), "")
-        except OSError:
-            pass
+        flags = _cpu_flags_line() or ""
         _CPU_FAMILY = "amx" if "amx_bf16" in flags.split() else "other"
     return _CPU_FAMILY
 
@@ -433,7 +433,7 @@ def merged_group_count(conv: nn.Conv2d, family: Optional[str] = None) -> int:
         conv: The convolution.
         family: Key of :data:`GROUP_WIDTHS`, or None for this machine's :func:`cpu_family`.
 
-    NOTE: only the two CPUs named at :data:`GROUP_WIDTHS` were measured;
+    NOTE: only the two CPUs named at :data:`GROUP_WIDTHS` were measured, so
     CPUs without AVX-512 get the second rule untested.
     """
     groups = conv.groups

@@ -74,13 +74,18 @@ def frozen_heap() -> Iterator[None]:
     """Keep the objects that exist on entry out of the garbage collector's passes until exit.
 
     Torch, timm and mmdet leave about 390,000 Python objects behind after
-    import. A full collection walks all of them (about 0.12 s here) while
-    holding the GIL, so it stalls every scoring thread. Building candidates
-    triggers such a collection every 10 to 20 candidates: in a 40-candidate
-    WRN-40-2 search on 2 threads, freezing the heap first took the time per
-    candidate from 0.240 to 0.226 s. Objects created inside are collected as
-    usual.
+    import. A full collection walks all of them while holding the GIL (0.12 s
+    on a 2-core AMD EPYC), so it stalls every scoring thread. Building
+    candidates triggers such a collection every 10 to 20 candidates: in a
+    40-candidate WRN-40-2 search on 2 threads, freezing the heap first took
+    the time per candidate from 0.240 to 0.226 s. Objects created inside are
+    collected as usual. A heap that is already frozen (by the caller, or by
+    an outer use) is left as it is, because unfreezing on exit would also
+    release the caller's frozen objects.
     """
+    if gc.get_freeze_count():
+        yield
+        return
     gc.collect()
     gc.freeze()
     try:

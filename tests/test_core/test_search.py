@@ -123,10 +123,16 @@ def test_result_json_has_all_scores(space_and_builder, cifar_batch):
 
 def test_scoring_freezes_heap_while_running():
     frozen_before = gc.get_freeze_count()
+    assert frozen_before == 0
     during = []
-    scores = score_indices(lambda i: during.append(gc.get_freeze_count()) or float(i), range(4), num_workers=2)
+
+    def score_one(index):
+        during.append(gc.get_freeze_count())
+        return float(index)
+
+    scores = score_indices(score_one, range(4), num_workers=2)
     assert scores == {i: float(i) for i in range(4)}
-    # Everything alive when scoring started sat in the permanent generation.
+    # Everything alive when scoring started was in the permanent generation.
     assert min(during) > frozen_before
     assert gc.get_freeze_count() == frozen_before
 
@@ -136,3 +142,13 @@ def test_scoring_freezes_heap_while_running():
     with pytest.raises(RuntimeError):
         score_indices(fail, range(2), num_workers=1)
     assert gc.get_freeze_count() == frozen_before
+
+
+def test_scoring_keeps_caller_frozen_heap():
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        assert score_indices(lambda i: float(i), range(3), num_workers=2) == {0: 0.0, 1: 1.0, 2: 2.0}
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
