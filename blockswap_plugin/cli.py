@@ -206,9 +206,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         if device.type == "cuda" and shard.distributed:
             device = torch.device("cuda", torch.cuda.current_device())
         num_classes = args.num_classes
+        dataset = None
         if num_classes is None:
             # The classifier size is part of the parameter count, so take it from the data.
-            num_classes = count_classes(open_image_dataset(args.data))
+            dataset = open_image_dataset(args.data)
+            num_classes = count_classes(dataset)
         model = _create_model(args.model, num_classes)
         space, build_candidate = _space_for(model, args.input_size)
         check_budgets(space, [b for b in budgets if b.metric != "latency_ms"])
@@ -216,7 +218,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
         images, labels, _ = load_minibatch(
             args.data, args.batch_size, args.seed, space.input_size,
-            mean=model.pretrained_cfg.get("mean"), std=model.pretrained_cfg.get("std"),
+            mean=model.pretrained_cfg.get("mean"), std=model.pretrained_cfg.get("std"), dataset=dataset,
         )
         if int(labels.max()) >= getattr(model, "num_classes", 0):
             raise BlockSwapError(
@@ -313,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score this many of the best candidates again in exact fp32 and pick the winner among "
                         "them (default: 8; 0 turns it off; ignored with --precision exact)")
     p.add_argument("--workers", type=int,
-                   help="candidates scored at once per rank, each on one CPU thread, so also the cores used "
+                   help="candidates scored at once per rank, each on one CPU thread, so also the cores used. "
+                        "The exact rescoring of the top candidates uses as many threads "
                         "(default: one per CPU core, shared among local ranks)")
     p.add_argument("--device", default="cpu", help="device to score on: cpu or cuda (default: cpu)")
     p.add_argument("--num-classes", type=int, help="classifier outputs (default: the number of classes in --data)")

@@ -19,7 +19,7 @@ def free_port() -> int:
 def search_args(cifar_train, out):
     return [
         "-m", "blockswap_plugin.cli", "search", "wrn_16_2", "--data", str(cifar_train),
-        "--budget-params", "150000", "--samples", "4", "--refine-top", "1", "--seed", "4", "--quiet",
+        "--budget-params", "150000", "--samples", "4", "--refine-top", "2", "--seed", "4", "--quiet",
         "--out", str(out),
     ]
 
