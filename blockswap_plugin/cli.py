@@ -30,6 +30,20 @@ DATA_HINT = (
 )
 
 
+def _unknown_model_error(name: str) -> BlockSwapError:
+    return BlockSwapError(f"unknown model {name!r}; use a timm model name such as wrn_40_2 (see timm.list_models())")
+
+
+def _check_model_name(name: str) -> None:
+    """Reject a name that timm does not know, before any data is read."""
+    import timm
+
+    from . import timm as _adapter  # noqa: F401  (registers wrn_*)
+
+    if not timm.is_model(name):
+        raise _unknown_model_error(name)
+
+
 def _create_model(name: str, num_classes: Optional[int]):
     import timm
 
@@ -40,9 +54,7 @@ def _create_model(name: str, num_classes: Optional[int]):
         return timm.create_model(name, **kwargs)
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
-            raise BlockSwapError(
-                f"unknown model {name!r}; use a timm model name such as wrn_40_2 (see timm.list_models())"
-            ) from None
+            raise _unknown_model_error(name) from None
         raise
 
 
@@ -198,6 +210,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise BlockSwapError(f"--device {args.device} requested but no CUDA device is available; use --device cpu")
     budgets = _search_budgets(args)
+    _check_model_name(args.model)
 
     created_group = init_distributed_from_env(torch.device(args.device))
     try:
@@ -323,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
                    help="input size (default: the model's pretrained_cfg input size)")
     p.add_argument("--top", type=int, default=10, help="rows of the printed ranking (default: 10)")
-    p.add_argument("--quiet", "-q", action="store_true", help="hide the progress bar")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="hide the progress bar and the log lines; warnings and errors still print")
     p.add_argument("--out", required=True, help="JSON file for the result; missing folders are created")
     p.set_defaults(func=cmd_search)
     return parser
@@ -334,8 +348,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if hasattr(args, "input_size"):
         args.input_size = _input_size(args.input_size)
+    level = logging.INFO
+    if args.verbose:
+        level = logging.DEBUG
+    elif getattr(args, "quiet", False):
+        level = logging.WARNING
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

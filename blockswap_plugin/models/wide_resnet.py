@@ -9,7 +9,8 @@ built from its own block type (``genotype``). This module uses torch only;
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+import os
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from ..core.blocks import get_block_type
 from ..core.errors import BlockSwapError
 from ..core.fisher import BranchTap
+from ..core.genotype import Genotype
 from ..core.fused import register_batchnorm_relu_pairs
 from ..core.init import init_paper_
 
@@ -86,7 +88,10 @@ class WideResNet(nn.Module):
         widen_factor: Width multiplier ``k``.
         num_classes: Classifier outputs; 0 for no classifier.
         in_chans: Input channels.
-        genotype: One block type name per block; all ``"Conv"`` when omitted.
+        genotype: One block type name per block, a
+            :class:`~blockswap_plugin.core.genotype.Genotype`, or the path of
+            a genotype JSON file (a ``blockswap search`` result works too);
+            all ``"Conv"`` when omitted.
         drop_rate: Dropout rate before the classifier.
         block_drop_rate: Dropout rate inside conv-type blocks.
         global_pool: ``"avg"`` or ``""`` (no pooling in ``forward_head``).
@@ -98,7 +103,7 @@ class WideResNet(nn.Module):
         widen_factor: int = 2,
         num_classes: int = 10,
         in_chans: int = 3,
-        genotype: Optional[Sequence[str]] = None,
+        genotype: Union[Sequence[str], str, os.PathLike, None] = None,
         drop_rate: float = 0.0,
         block_drop_rate: float = 0.0,
         global_pool: str = "avg",
@@ -114,6 +119,9 @@ class WideResNet(nn.Module):
         num_blocks = 3 * per_stage
         if genotype is None:
             genotype = ["Conv"] * num_blocks
+        elif isinstance(genotype, (str, os.PathLike)):
+            # A string is a file path here, never a sequence of one-letter block names.
+            genotype = Genotype.load(genotype)
         genotype = list(getattr(genotype, "blocks", genotype))
         if len(genotype) != num_blocks:
             raise BlockSwapError(

@@ -156,22 +156,36 @@ def test_count_genotype_of_another_model(run, tmp_path):
     assert_one_line_error(result, "'wrn_16_2', not 'wrn_16_1'", "blockswap count wrn_16_2")
 
 
-def test_search_unknown_model(run, tmp_path, cifar_train):
-    result = run("search", "no_such_net", "--data", cifar_train, "--budget-params", 1000, "--out", tmp_path / "x.json")
+def test_search_unknown_model(run, tmp_path):
+    # The data folder contains no images: the model name must be rejected before the data is read.
+    result = run("search", "no_such_net", "--data", tmp_path, "--budget-params", 1000, "--out", tmp_path / "x.json")
     assert_one_line_error(result, "no_such_net")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_search_empty_data_folder(run, tmp_path):
+    data = tmp_path / "empty"
+    data.mkdir()
+    result = run("search", "wrn_16_2", "--data", data, "--budget-params", 100_000, "--out", tmp_path / "x.json")
+    assert_one_line_error(result, str(data), "one subfolder of images per class")
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_search_on_cifar_is_reproducible(tmp_path, cifar_train):
     outs = [tmp_path / "a.json", tmp_path / "b.json"]
-    for out in outs:
-        # A real process through the console script, as a user runs it.
+    log_lines = []
+    for out, extra in zip(outs, ([], ["--quiet"])):
+        # A real process through the console script, as a user runs it; the second one with --quiet.
         result = subprocess.run(
             [str(Path(sys.executable).parent / "blockswap"), "search", "wrn_40_2", "--data", str(cifar_train),
-             "--budget-params", "400000", "--samples", "20", "--seed", "0", "--out", str(out)],
+             "--budget-params", "400000", "--samples", "20", "--seed", "0", "--out", str(out), *extra],
             capture_output=True, text=True, timeout=900,
         )
         assert result.returncode == 0, result.stderr
         assert "Top 10 of 20 candidates" in result.stdout
+        log_lines.append([line for line in result.stderr.splitlines() if " INFO " in line])
+    assert any("search finished" in line for line in log_lines[0])
+    assert log_lines[1] == []
     first, second = (json.loads(out.read_text()) for out in outs)
     winner = first["winner"]
     assert abs(winner["params"] - 400_000) < 0.025 * 400_000

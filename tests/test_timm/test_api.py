@@ -146,3 +146,22 @@ def test_resnet_student_gets_timm_init():
     student = bp.apply_genotype(model, ["DConvA2"] * 8)
     assert all(block.branch.bn2.weight.abs().sum().item() == 0.0 for block in student.layer1)
     assert student.bn1.weight.abs().sum().item() > 0
+
+
+def test_wrn_genotype_from_file_path(tmp_path):
+    blocks = ["DConvA4", "G8B2", "Conv", "ConvB2", "DConvG4", "DConv"]
+    genotype = bp.Genotype("wrn_16_2", blocks)
+    path = tmp_path / "genotype.json"
+    genotype.save(path)
+    from_list = timm.create_model("wrn_16_2", genotype=blocks)
+    from_str = timm.create_model("wrn_16_2", genotype=str(path))
+    from_path = timm.create_model("wrn_16_2", genotype=path)
+    assert from_str.genotype == from_list.genotype
+    assert from_path.genotype == from_list.genotype
+    assert bp.count_params(from_str) == bp.count_params(from_list)
+
+
+def test_wrn_genotype_missing_file_named():
+    # A string is never read as a sequence of one-letter block names.
+    with pytest.raises(bp.BlockSwapError, match="genotype file not found: no_such.json"):
+        timm.create_model("wrn_16_2", genotype="no_such.json")
