@@ -52,6 +52,7 @@ import timm  # noqa: E402
 
 import blockswap_plugin.timm  # noqa: E402,F401  (registers wrn_*)
 from blockswap_plugin.core.fisher import find_branch_points, fisher_from_activations  # noqa: E402
+from blockswap_plugin.core.env import env_flag  # noqa: E402
 from blockswap_plugin.core.flops import count_macs, count_params  # noqa: E402
 from blockswap_plugin.core.fused import fused_kernel  # noqa: E402
 from blockswap_plugin.core.genotype import write_json_atomic  # noqa: E402
@@ -182,7 +183,7 @@ def rewrites_in_use() -> str:
     parts = ["merged conv groups", "weight-only conv backward"]
     if fused_kernel() is not None:
         parts[:0] = ["fused BN+ReLU kernel", "fused BN+ReLU+conv with deferred Fisher terms"]
-        if os.environ.get("BLOCKSWAP_BLOCK_CACHE", "1") != "0":
+        if env_flag("BLOCKSWAP_BLOCK_CACHE"):
             parts.append("block cache")
     return " + ".join(parts)
 

@@ -24,6 +24,7 @@ import threading
 from contextlib import contextmanager
 from typing import Dict, Iterator, Optional
 
+from .env import env_flag
 from .errors import BlockSwapError
 from .fused import fused_kernel
 
@@ -79,7 +80,7 @@ def cpu_block_cache(limit_bytes: Optional[int] = None) -> Iterator[bool]:
         limit_bytes = _limit_from_env()
     elif limit_bytes < 0:
         raise BlockSwapError(f"block cache limit must be 0 or more bytes, got {limit_bytes}")
-    kernel = fused_kernel() if os.environ.get("BLOCKSWAP_BLOCK_CACHE", "1") != "0" else None
+    kernel = fused_kernel() if env_flag("BLOCKSWAP_BLOCK_CACHE") else None
     if kernel is None:
         yield False
         return
@@ -103,5 +104,5 @@ def cpu_block_cache(limit_bytes: Optional[int] = None) -> Iterator[bool]:
 
 def block_cache_stats() -> Optional[Dict[str, int]]:
     """Counters of the block cache (blocks reused and mapped, live, cached and peak bytes), or None without it."""
-    kernel = fused_kernel() if os.environ.get("BLOCKSWAP_BLOCK_CACHE", "1") != "0" else None
+    kernel = fused_kernel() if env_flag("BLOCKSWAP_BLOCK_CACHE") else None
     return None if kernel is None else dict(kernel.block_cache_stats())

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import platform
 import threading
 from pathlib import Path
@@ -55,6 +54,7 @@ import torch
 import torch.nn as nn
 
 from .cache import cache_root
+from .env import env_flag
 
 __all__ = [
     "BatchNormReLU",
@@ -153,7 +153,7 @@ def fused_kernel() -> Optional[object]:
     The first call in a process compiles the kernel if no cached build exists.
     """
     global _KERNEL, _KERNEL_TRIED
-    if os.environ.get("BLOCKSWAP_FUSED", "1") == "0":
+    if not env_flag("BLOCKSWAP_FUSED"):
         return None
     with _LOCK:
         if _KERNEL is not None or _KERNEL_TRIED:
@@ -552,8 +552,8 @@ def drop_conv_inputs_(model: nn.Module, skip: Iterable[nn.Module] = ()) -> int:
 
 def kernel_status() -> Tuple[bool, str]:
     """Build or load the kernel; return False only if it failed, with a line that describes the state."""
-    if os.environ.get("BLOCKSWAP_FUSED", "1") == "0":
-        return True, "fused batch norm + ReLU kernel: turned off by BLOCKSWAP_FUSED=0"
+    if not env_flag("BLOCKSWAP_FUSED"):
+        return True, "fused batch norm + ReLU kernel: turned off by BLOCKSWAP_FUSED"
     if fused_kernel() is None:
         return False, "fused batch norm + ReLU kernel: not available (see the warning above); scoring uses eager torch"
     return True, f"fused batch norm + ReLU kernel: ready ({cache_root() / 'extensions' / _build_name()})"

@@ -1,5 +1,4 @@
 """The CPU block cache: reuse, limits, foreign pointers, threads, and unchanged search scores."""
-import os
 import threading
 
 import pytest
@@ -8,6 +7,7 @@ import torch
 
 import blockswap_plugin.timm  # noqa: F401  (registers wrn_*)
 from blockswap_plugin.core.block_cache import block_cache_stats, cpu_block_cache
+from blockswap_plugin.core.env import env_flag
 from blockswap_plugin.core.errors import BlockSwapError
 from blockswap_plugin.core.fused import fused_kernel
 from blockswap_plugin.core.sampler import Budget, sample_genotypes
@@ -21,7 +21,7 @@ MB = 1 << 20
 
 @pytest.fixture(scope="module", autouse=True)
 def kernel():
-    if os.environ.get("BLOCKSWAP_FUSED") == "0" or os.environ.get("BLOCKSWAP_BLOCK_CACHE") == "0":
+    if not env_flag("BLOCKSWAP_FUSED") or not env_flag("BLOCKSWAP_BLOCK_CACHE"):
         pytest.skip("the compiled helpers or the block cache are turned off")
     assert fused_kernel() is not None, "the compiled helpers did not build; run blockswap kernel to see why"
 

@@ -1,5 +1,4 @@
 """The candidate rewrites of fast CPU scoring against eager torch computed independently."""
-import os
 
 import pytest
 import timm
@@ -9,6 +8,7 @@ import torch.nn.functional as F
 
 import blockswap_plugin.timm  # noqa: F401  (registers wrn_*)
 from blockswap_plugin.core import fused
+from blockswap_plugin.core.env import env_flag
 from blockswap_plugin.core.fused import (
     BatchNormReLU,
     BatchNormReLUConv,
@@ -32,8 +32,8 @@ from blockswap_plugin.timm.spaces import create_space
 
 @pytest.fixture(scope="module")
 def kernel():
-    if os.environ.get("BLOCKSWAP_FUSED") == "0":
-        pytest.skip("BLOCKSWAP_FUSED=0 turns the fused kernel off")
+    if not env_flag("BLOCKSWAP_FUSED"):
+        pytest.skip("BLOCKSWAP_FUSED turns the fused kernel off")
     built = fused_kernel()
     # tools/install.sh builds the kernel; a machine with a compiler must have it.
     assert built is not None, "the fused kernel did not build; run blockswap kernel to see why"
