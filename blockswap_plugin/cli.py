@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from .core.blocks import list_block_types
+from .core.env import env_flag
 from .core.errors import BlockSwapError
 from .core.genotype import Genotype, write_json_atomic
 from .core.sampler import Budget, check_budgets
@@ -25,8 +26,8 @@ _logger = logging.getLogger("blockswap_plugin.cli")
 PRECISION_CHOICES = ("auto", "exact", "fp32", "bf16")
 
 DATA_HINT = (
-    "download CIFAR-10 as class folders (or a tar file of them) and pass its path to --data, "
-    "for example --data /path/to/cifar10/train.tar"
+    "pass --data an image folder with one subfolder per class, or a tar file of such folders "
+    "(for CIFAR-10, its train.tar)"
 )
 
 
@@ -75,11 +76,22 @@ def cmd_blocks(args: argparse.Namespace) -> int:
 
 
 def cmd_kernel(args: argparse.Namespace) -> int:
+    from .core.block_cache import block_cache_setting
     from .core.fused import kernel_status
 
     ok, message = kernel_status()
     print(message)
+    print(block_cache_setting())
     return 0 if ok else 1
+
+
+def _check_switches() -> None:
+    """Reject invalid values of the package's environment switches before any work starts."""
+    from .core.block_cache import limit_from_env
+
+    env_flag("BLOCKSWAP_FUSED")
+    env_flag("BLOCKSWAP_BLOCK_CACHE")
+    limit_from_env()
 
 
 def cmd_count(args: argparse.Namespace) -> int:
@@ -353,12 +365,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         level = logging.DEBUG
     elif getattr(args, "quiet", False):
         level = logging.WARNING
+    # filelock logs every lock of the compiled helpers' build folder at DEBUG.
+    logging.getLogger("filelock").setLevel(max(level, logging.INFO))
     logging.basicConfig(
         level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     try:
+        _check_switches()
         return args.func(args)
     except BlockSwapError as exc:
         _logger.debug("command failed", exc_info=True)

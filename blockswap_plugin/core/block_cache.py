@@ -28,7 +28,7 @@ from .env import env_flag
 from .errors import BlockSwapError
 from .fused import fused_kernel
 
-__all__ = ["DEFAULT_LIMIT_MB", "block_cache_stats", "cpu_block_cache"]
+__all__ = ["DEFAULT_LIMIT_MB", "block_cache_setting", "block_cache_stats", "cpu_block_cache", "limit_from_env"]
 
 _logger = logging.getLogger(__name__)
 
@@ -42,7 +42,12 @@ _LOCK = threading.Lock()
 _DEPTH = 0
 
 
-def _limit_from_env() -> int:
+def limit_from_env() -> int:
+    """Return the limit in bytes that ``BLOCKSWAP_BLOCK_CACHE_MB`` sets, or the default.
+
+    Raises:
+        BlockSwapError: If the variable is not a whole number of MB, 0 or more.
+    """
     text = os.environ.get("BLOCKSWAP_BLOCK_CACHE_MB", str(DEFAULT_LIMIT_MB))
     try:
         value = int(text)
@@ -77,7 +82,7 @@ def cpu_block_cache(limit_bytes: Optional[int] = None) -> Iterator[bool]:
     """
     global _DEPTH
     if limit_bytes is None:
-        limit_bytes = _limit_from_env()
+        limit_bytes = limit_from_env()
     elif limit_bytes < 0:
         raise BlockSwapError(f"block cache limit must be 0 or more bytes, got {limit_bytes}")
     kernel = fused_kernel() if env_flag("BLOCKSWAP_BLOCK_CACHE") else None
@@ -100,6 +105,20 @@ def cpu_block_cache(limit_bytes: Optional[int] = None) -> Iterator[bool]:
                 kernel.block_cache_disable()
                 _logger.debug("block cache: %d reused, %d mapped, peak %.2f GB", stats["hits"], stats["misses"],
                               stats["peak_bytes"] / 2**30)
+
+
+def block_cache_setting() -> str:
+    """Describe whether CPU scoring will use the block cache and its limit, checking both variables.
+
+    Raises:
+        BlockSwapError: If ``BLOCKSWAP_BLOCK_CACHE`` or ``BLOCKSWAP_BLOCK_CACHE_MB`` has an invalid value.
+    """
+    limit_mb = limit_from_env() >> 20
+    if not env_flag("BLOCKSWAP_BLOCK_CACHE"):
+        return "block cache: turned off by BLOCKSWAP_BLOCK_CACHE"
+    if fused_kernel() is None:
+        return "block cache: not available without the compiled helpers"
+    return f"block cache: on, limit {limit_mb} MB (BLOCKSWAP_BLOCK_CACHE_MB)"
 
 
 def block_cache_stats() -> Optional[Dict[str, int]]:

@@ -337,7 +337,7 @@ def search(
     result.seconds = time.perf_counter() - start
     best = result.best
     _logger.info(
-        "search finished in %.1f s: best candidate %d, Fisher potential %.4g, %d params, %d MACs",
-        result.seconds, best.index, best.score, best.params, best.macs,
+        "search finished in %.1f s: best candidate %d, Fisher potential %.4g, %s params, %s MACs",
+        result.seconds, best.index, best.score, f"{best.params:,}", f"{best.macs:,}",
     )
     return result

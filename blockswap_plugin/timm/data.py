@@ -50,10 +50,10 @@ def open_image_dataset(path: str, transform=None):
     try:
         dataset = create_dataset("", root=str(root), split="train", is_training=True, transform=transform)
     except Exception as exc:  # timm raises several types for unreadable inputs
-        raise BlockSwapError(
-            f"cannot read images from {path}: {exc}; pass an image folder with one subfolder of images per class, "
-            "or a tar file of such folders"
-        ) from None
+        fix = "pass an image folder with one subfolder of images per class, or a tar file of such folders"
+        if "Found 0 images" in str(exc):
+            raise BlockSwapError(f"no images found in {path}; {fix}") from None
+        raise BlockSwapError(f"cannot read images from {path} ({exc}); {fix}") from None
     if len(dataset) == 0:
         raise BlockSwapError(f"no images found in {path}; expected one folder per class")
     return dataset

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from ..core.genotype import Genotype
 from ..models.wide_resnet import WideResNet
 
 __all__ = ["WideResNet"]
@@ -42,7 +43,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_wrn(variant: str, depth: int, widen_factor: int, pretrained: bool = False, **kwargs) -> WideResNet:
-    return build_model_with_cfg(
+    model = build_model_with_cfg(
         WideResNet,
         variant,
         pretrained,
@@ -51,6 +52,11 @@ def _create_wrn(variant: str, depth: int, widen_factor: int, pretrained: bool = 
         feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2)),
         **kwargs,
     )
+    if kwargs.get("genotype") is not None:
+        # A student built by name, like those of apply_genotype(): save_student() and the
+        # distillation task read the genotype from this attribute.
+        model.blockswap_genotype = Genotype(variant, model.genotype)
+    return model
 
 
 @register_model

@@ -195,3 +195,21 @@ def test_search_on_cifar_is_reproducible(tmp_path, cifar_train):
     assert first["seed"] == 0
     assert first["budgets"][0]["target"] == 400_000
     assert max(c["score"] for c in first["candidates"]) == winner["fisher_potential"]
+
+
+@pytest.mark.parametrize("name", ["BLOCKSWAP_FUSED", "BLOCKSWAP_BLOCK_CACHE", "BLOCKSWAP_BLOCK_CACHE_MB"])
+def test_bad_switch_fails_first(run, tmp_path, monkeypatch, name):
+    # The data folder contains no images: the switch must be rejected before the data is read.
+    monkeypatch.setenv(name, "nope")
+    result = run("search", "wrn_40_2", "--data", tmp_path, "--budget-params", 400_000, "--out", tmp_path / "x.json")
+    assert_one_line_error(result, name, "'nope'")
+    assert list(tmp_path.iterdir()) == []
+    assert_one_line_error(run("kernel"), name)
+
+
+def test_kernel_reports_block_cache(run, monkeypatch):
+    monkeypatch.delenv("BLOCKSWAP_BLOCK_CACHE", raising=False)
+    monkeypatch.setenv("BLOCKSWAP_BLOCK_CACHE_MB", "256")
+    assert "block cache: on, limit 256 MB" in run("kernel").stdout
+    monkeypatch.setenv("BLOCKSWAP_BLOCK_CACHE", "off")
+    assert "block cache: turned off by BLOCKSWAP_BLOCK_CACHE" in run("kernel").stdout

@@ -165,3 +165,16 @@ def test_wrn_genotype_missing_file_named():
     # A string is never read as a sequence of one-letter block names.
     with pytest.raises(bp.BlockSwapError, match="genotype file not found: no_such.json"):
         timm.create_model("wrn_16_2", genotype="no_such.json")
+
+
+def test_wrn_student_by_name_saves_and_loads(tmp_path):
+    blocks = ["G8B2", "DConvA4", "Conv", "ConvB4", "DConvG8", "A2B2"]
+    student = timm.create_model("wrn_16_2", num_classes=10, genotype=blocks)
+    assert student.blockswap_genotype == bp.Genotype("wrn_16_2", blocks)
+    assert getattr(timm.create_model("wrn_16_2"), "blockswap_genotype", None) is None
+    path = tmp_path / "student.pth"
+    bp.save_student(student.eval(), path)
+    loaded = bp.load_student(path).eval()
+    assert loaded.genotype == student.genotype
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded(x), student(x))
