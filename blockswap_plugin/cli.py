@@ -87,11 +87,10 @@ def cmd_kernel(args: argparse.Namespace) -> int:
 
 def _check_switches() -> None:
     """Reject invalid values of the package's environment switches before any work starts."""
-    from .core.block_cache import limit_from_env
+    from .core.block_cache import check_block_cache_settings
 
     env_flag("BLOCKSWAP_FUSED")
-    env_flag("BLOCKSWAP_BLOCK_CACHE")
-    limit_from_env()
+    check_block_cache_settings()
 
 
 def cmd_count(args: argparse.Namespace) -> int:

@@ -51,8 +51,8 @@ sys.path.insert(0, str(REPO))
 import timm  # noqa: E402
 
 import blockswap_plugin.timm  # noqa: E402,F401  (registers wrn_*)
-from blockswap_plugin.core.fisher import find_branch_points, fisher_from_activations  # noqa: E402
 from blockswap_plugin.core.env import env_flag  # noqa: E402
+from blockswap_plugin.core.fisher import find_branch_points, fisher_from_activations  # noqa: E402
 from blockswap_plugin.core.flops import count_macs, count_params  # noqa: E402
 from blockswap_plugin.core.fused import fused_kernel  # noqa: E402
 from blockswap_plugin.core.genotype import write_json_atomic  # noqa: E402

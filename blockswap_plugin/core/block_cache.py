@@ -28,7 +28,10 @@ from .env import env_flag
 from .errors import BlockSwapError
 from .fused import fused_kernel
 
-__all__ = ["DEFAULT_LIMIT_MB", "block_cache_setting", "block_cache_stats", "cpu_block_cache", "limit_from_env"]
+__all__ = [
+    "DEFAULT_LIMIT_MB", "block_cache_setting", "block_cache_stats", "check_block_cache_settings", "cpu_block_cache",
+    "limit_from_env",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -85,7 +88,7 @@ def cpu_block_cache(limit_bytes: Optional[int] = None) -> Iterator[bool]:
         limit_bytes = limit_from_env()
     elif limit_bytes < 0:
         raise BlockSwapError(f"block cache limit must be 0 or more bytes, got {limit_bytes}")
-    kernel = fused_kernel() if env_flag("BLOCKSWAP_BLOCK_CACHE") else None
+    kernel = _cache_kernel()
     if kernel is None:
         yield False
         return
@@ -107,13 +110,28 @@ def cpu_block_cache(limit_bytes: Optional[int] = None) -> Iterator[bool]:
                               stats["peak_bytes"] / 2**30)
 
 
+def _cache_kernel() -> Optional[object]:
+    """Return the compiled helpers that contain the cache, or None where the cache is turned off or not built."""
+    return fused_kernel() if env_flag("BLOCKSWAP_BLOCK_CACHE") else None
+
+
+def check_block_cache_settings() -> int:
+    """Check ``BLOCKSWAP_BLOCK_CACHE`` and ``BLOCKSWAP_BLOCK_CACHE_MB``, loading nothing; return the limit in bytes.
+
+    Raises:
+        BlockSwapError: If either variable has an invalid value.
+    """
+    env_flag("BLOCKSWAP_BLOCK_CACHE")
+    return limit_from_env()
+
+
 def block_cache_setting() -> str:
-    """Describe whether CPU scoring will use the block cache and its limit, checking both variables.
+    """Describe whether CPU scoring will use the block cache, and its limit.
 
     Raises:
         BlockSwapError: If ``BLOCKSWAP_BLOCK_CACHE`` or ``BLOCKSWAP_BLOCK_CACHE_MB`` has an invalid value.
     """
-    limit_mb = limit_from_env() >> 20
+    limit_mb = check_block_cache_settings() >> 20
     if not env_flag("BLOCKSWAP_BLOCK_CACHE"):
         return "block cache: turned off by BLOCKSWAP_BLOCK_CACHE"
     if fused_kernel() is None:
@@ -123,5 +141,5 @@ def block_cache_setting() -> str:
 
 def block_cache_stats() -> Optional[Dict[str, int]]:
     """Counters of the block cache (blocks reused and mapped, live, cached and peak bytes), or None without it."""
-    kernel = fused_kernel() if env_flag("BLOCKSWAP_BLOCK_CACHE") else None
+    kernel = _cache_kernel()
     return None if kernel is None else dict(kernel.block_cache_stats())

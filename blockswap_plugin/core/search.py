@@ -307,15 +307,11 @@ def search(
         # with half the memory (1.25 against 0.61 GB for a WRN-40-2 candidate).
         exact = FisherScorer(images, labels, "exact", device, recompute=True)
         todo = [c.index for c in sorted(candidates, key=lambda c: (-c.score, c.index))[:refine_top]]
-        # One candidate at a time: an exact pass keeps fp32 activations and
-        # copies of every branch output, several times a bf16 pass. On CPU it
-        # gets this rank's cores as intra-op threads instead (WRN-40-2 on a
-        # 2-core AMD EPYC: 1.2 against 2.0 s per candidate). fp32 scores
-        # came out bit for bit the same with 1 and 2 threads. The test of 1
-        # against 2 ranks checks this, because those rescore on 2 and 1 threads.
-        # NOTE: measured on one AMD EPYC only. Where a library splits an fp32 sum
-        # by thread count, exact scores may differ in their last bits between
-        # rank counts.
+        # One candidate at a time, because an exact pass keeps several times the
+        # memory of a bf16 pass. On CPU it gets this rank's cores as intra-op
+        # threads instead (WRN-40-2, 2-core AMD EPYC: 1.2 against 2.0 s each).
+        # NOTE: fp32 scores were the same bit for bit on 1 and 2 threads, measured
+        # on that CPU only. The test of 1 against 2 ranks (2 and 1 threads) checks it.
         exact_threads = num_workers if device.type == "cpu" else None
         exact_common = dict(common, num_workers=1, num_threads=exact_threads)
         while todo:

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from ..core.blocks import get_block_type
 from ..core.errors import BlockSwapError
 from ..core.fisher import BranchTap
-from ..core.genotype import Genotype
 from ..core.fused import register_batchnorm_relu_pairs
+from ..core.genotype import Genotype
 from ..core.init import init_paper_
 
 __all__ = ["PreActBlock", "WideResNet"]

@@ -21,6 +21,8 @@ __all__ = ["load_minibatch", "cifar_train_transform", "open_image_dataset", "cou
 
 _logger = logging.getLogger(__name__)
 
+_DATA_FIX = "pass an image folder with one subfolder of images per class, or a tar file of such folders"
+
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
@@ -50,12 +52,11 @@ def open_image_dataset(path: str, transform=None):
     try:
         dataset = create_dataset("", root=str(root), split="train", is_training=True, transform=transform)
     except Exception as exc:  # timm raises several types for unreadable inputs
-        fix = "pass an image folder with one subfolder of images per class, or a tar file of such folders"
         if "Found 0 images" in str(exc):
-            raise BlockSwapError(f"no images found in {path}; {fix}") from None
-        raise BlockSwapError(f"cannot read images from {path} ({exc}); {fix}") from None
+            raise BlockSwapError(f"no images found in {path}; {_DATA_FIX}") from None
+        raise BlockSwapError(f"cannot read images from {path} ({exc}); {_DATA_FIX}") from None
     if len(dataset) == 0:
-        raise BlockSwapError(f"no images found in {path}; expected one folder per class")
+        raise BlockSwapError(f"no images found in {path}; {_DATA_FIX}")
     return dataset
 
 
@@ -91,8 +92,8 @@ def load_minibatch(
         std: Normalisation standard deviation, as for ``mean``.
         dataset: The dataset :func:`open_image_dataset` already opened at
             ``path``, so that the images are not listed again (reading the
-            CIFAR-10 tar's index takes about 1.5 s); its ``transform`` is
-            replaced by the training augmentation.
+            CIFAR-10 tar's index took about 1.5 s here). Its ``transform``
+            is replaced by the training augmentation.
 
     Returns:
         ``(images, labels, num_classes)``.

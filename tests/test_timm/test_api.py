@@ -167,7 +167,7 @@ def test_wrn_genotype_missing_file_named():
         timm.create_model("wrn_16_2", genotype="no_such.json")
 
 
-def test_wrn_student_by_name_saves_and_loads(tmp_path):
+def test_wrn_student_by_name_round_trip(tmp_path):
     blocks = ["G8B2", "DConvA4", "Conv", "ConvB4", "DConvG8", "A2B2"]
     student = timm.create_model("wrn_16_2", num_classes=10, genotype=blocks)
     assert student.blockswap_genotype == bp.Genotype("wrn_16_2", blocks)

@@ -12,5 +12,6 @@ def test_minibatch_from_opened_dataset_matches(cifar_train):
     images, labels, classes = load_minibatch(str(cifar_train), 16, seed=5, dataset=dataset)
     assert torch.equal(images, fresh_images)
     assert torch.equal(labels, fresh_labels)
-    assert classes == fresh_classes == 10
+    assert classes == fresh_classes
+    assert classes == 10
     assert dataset.transform is not None
