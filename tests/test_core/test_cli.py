@@ -197,7 +197,9 @@ def test_search_on_cifar_is_reproducible(tmp_path, cifar_train):
     assert max(c["score"] for c in first["candidates"]) == winner["fisher_potential"]
 
 
-@pytest.mark.parametrize("name", ["BLOCKSWAP_FUSED", "BLOCKSWAP_BLOCK_CACHE", "BLOCKSWAP_BLOCK_CACHE_MB"])
+@pytest.mark.parametrize(
+    "name", ["BLOCKSWAP_FUSED", "BLOCKSWAP_BLOCK_CACHE", "BLOCKSWAP_BLOCK_CACHE_MB", "BLOCKSWAP_HUGE_PAGES"]
+)
 def test_bad_switch_fails_first(run, tmp_path, monkeypatch, name):
     # The data folder contains no images: the switch must be rejected before the data is read.
     monkeypatch.setenv(name, "nope")
@@ -209,7 +211,10 @@ def test_bad_switch_fails_first(run, tmp_path, monkeypatch, name):
 
 def test_kernel_reports_block_cache(run, monkeypatch):
     monkeypatch.delenv("BLOCKSWAP_BLOCK_CACHE", raising=False)
+    monkeypatch.delenv("BLOCKSWAP_HUGE_PAGES", raising=False)
     monkeypatch.setenv("BLOCKSWAP_BLOCK_CACHE_MB", "256")
-    assert "block cache: on, limit 256 MB" in run("kernel").stdout
+    assert "block cache: on, limit 256 MB (BLOCKSWAP_BLOCK_CACHE_MB), huge pages requested" in run("kernel").stdout
+    monkeypatch.setenv("BLOCKSWAP_HUGE_PAGES", "0")
+    assert "huge pages turned off by BLOCKSWAP_HUGE_PAGES" in run("kernel").stdout
     monkeypatch.setenv("BLOCKSWAP_BLOCK_CACHE", "off")
     assert "block cache: turned off by BLOCKSWAP_BLOCK_CACHE" in run("kernel").stdout

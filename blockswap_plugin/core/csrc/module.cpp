@@ -13,7 +13,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("block_cache_enable", &block_cache_enable,
         "install the block cache (once) and start caching; False if another allocator has priority",
-        py::arg("limit_bytes"));
+        py::arg("limit_bytes"), py::arg("huge_pages") = true);
   m.def("block_cache_disable", &block_cache_disable, "stop caching and unmap the cached blocks");
   m.def("block_cache_release", &block_cache_release, "unmap the cached blocks, keep caching");
   m.def("block_cache_stats", &block_cache_stats, "counters of the block cache, in blocks and bytes");

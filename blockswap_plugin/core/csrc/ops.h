@@ -19,7 +19,7 @@ torch::Tensor bn_relu_apply(torch::Tensor x, torch::Tensor mean, torch::Tensor i
 torch::Tensor fisher_terms(torch::Tensor a, torch::Tensor g);
 
 // block_cache_cpu.cpp: a cache of large CPU blocks behind torch's CPU allocator.
-bool block_cache_enable(int64_t limit_bytes);
+bool block_cache_enable(int64_t limit_bytes, bool huge_pages);
 void block_cache_disable();
 void block_cache_release();
 std::map<std::string, int64_t> block_cache_stats();
