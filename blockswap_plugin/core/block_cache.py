@@ -16,12 +16,12 @@ The cache needs the compiled helpers (:func:`~blockswap_plugin.core.fused.fused_
 without them, or with ``BLOCKSWAP_BLOCK_CACHE=0``, the body runs with torch's
 own allocator. ``BLOCKSWAP_BLOCK_CACHE_MB`` sets the limit in MB.
 
-Blocks of 2 MB and more ask the kernel for transparent huge pages
-(``madvise``), unless ``BLOCKSWAP_HUGE_PAGES=0``. In alternating
+Blocks of 2 MB and more start on a 2 MB boundary and ask the kernel for
+transparent huge pages (``madvise``), unless ``BLOCKSWAP_HUGE_PAGES=0``. In
 200-candidate WRN-40-2 searches on the project's Xeon guest, whose kernel
-grants them on request, this cut page faults from about 11,000 to 1,700 per
-candidate and the time per candidate by about 4 % (0.227 and 0.231 s against
-0.236 and 0.240 s), at the same peak RSS.
+grants them on request, this cut page faults from about 12,000 to 1,700 per
+candidate and the time per candidate by about 5 % (0.217 against 0.228 s),
+at the same peak RSS.
 """
 from __future__ import annotations
 

@@ -27,6 +27,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <mutex>
 #include <unordered_map>
@@ -37,23 +38,38 @@ namespace {
 constexpr size_t kMinBlock = size_t(1) << 20;
 constexpr size_t kSmallStep = size_t(64) << 10;
 constexpr size_t kLargeStep = size_t(2) << 20;
+constexpr size_t kHugePage = size_t(2) << 20;
 
 size_t size_class(size_t bytes) {
   size_t step = bytes < 4 * kLargeStep ? kSmallStep : kLargeStep;
   return (bytes + step - 1) / step * step;
 }
 
-// Maps a new block. With ``huge_pages``, blocks of 2 MB and more ask for
-// transparent huge pages. Kernels whose setting is "always" or "madvise"
-// grant them, and one page fault then fills 2 MB instead of 4 KB.
+// Maps a new block. With ``huge_pages``, a block of 2 MB or more starts on a
+// 2 MB boundary, and its whole 2 MB pieces ask for transparent huge pages.
+// Kernels whose setting is "always" or "madvise" grant them, and one page
+// fault then fills 2 MB instead of 4 KB. Every huge page stays inside its
+// block, so a block never makes the pages of a neighbouring mapping resident.
 void* map_block(size_t size, bool huge_pages) {
-  void* data = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  const int protection = PROT_READ | PROT_WRITE;
+  const int flags = MAP_PRIVATE | MAP_ANONYMOUS;
 #ifdef MADV_HUGEPAGE
-  if (huge_pages && data != MAP_FAILED && size >= kLargeStep) {
-    madvise(data, size, MADV_HUGEPAGE);  // Advice only: if it fails, the block keeps 4 KB pages.
+  if (huge_pages && size >= kHugePage) {
+    // Map 2 MB more than needed, then unmap the parts before the first 2 MB
+    // boundary and after the block.
+    char* raw = static_cast<char*>(mmap(nullptr, size + kHugePage, protection, flags, -1, 0));
+    if (raw == MAP_FAILED) return MAP_FAILED;
+    uintptr_t address = reinterpret_cast<uintptr_t>(raw);
+    char* data = raw + ((address + kHugePage - 1) / kHugePage * kHugePage - address);
+    if (data > raw) munmap(raw, data - raw);
+    char* end = raw + size + kHugePage;
+    if (end > data + size) munmap(data + size, end - (data + size));
+    // Advice only: if it fails, the block keeps 4 KB pages.
+    madvise(data, size / kHugePage * kHugePage, MADV_HUGEPAGE);
+    return data;
   }
 #endif
-  return data;
+  return mmap(nullptr, size, protection, flags, -1, 0);
 }
 
 class BlockCache final : public c10::Allocator {
