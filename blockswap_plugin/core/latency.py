@@ -48,7 +48,10 @@ from .sampler import CostTable
 from .space import SwapSpace
 from .workers import limit_threads
 
-__all__ = ["LatencyTable", "measure_latency", "measure_best_latency", "build_latency_table", "load_or_build_latency_table", "device_name"]
+__all__ = [
+    "LatencyTable", "measure_latency", "measure_best_latency", "build_latency_table", "load_or_build_latency_table",
+    "device_name",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -97,7 +100,7 @@ def measure_latency(
 
     NOTE: with glibc's allocator alone, a WRN-16-2 candidate at batch 8
     faulted in about 3,000 new pages per run in most built copies and none
-    in some, and timed 10.4 to 14.8 ms by copy; with the block cache most
+    in some, and timed 10.4 to 14.8 ms by copy. With the block cache most
     copies timed 10.0 to 10.1 ms. Without the compiled helpers the cache is
     not there, and timings spread that much.
 
@@ -241,37 +244,42 @@ def build_latency_table(
     def timed(module: nn.Module, shape: Sequence[int]) -> float:
         return measure_latency(module, (batch_size, *shape), device, num_threads)
 
-    def timed_whole(make_module: Callable[[], nn.Module]) -> float:
-        return measure_latency(make_module(), (batch_size, *space.input_size), device, num_threads)
+    def fastest_in_rounds(measurements: List[Callable[[], float]]) -> List[float]:
+        # One fresh copy of every module per round, and each keeps its fastest
+        # round. A slow spell of the machine then spoils one round of many
+        # modules, not every round of one.
+        fastest = [float("inf")] * len(measurements)
+        for _ in range(_COPIES):
+            for index, measure in enumerate(measurements):
+                fastest[index] = min(fastest[index], measure())
+                bar.update(1)
+        return fastest
 
-    # Sites of the same shape share their entries.
+    def entry_key(site, name: str) -> Tuple:
+        # Sites of the same shape share their entries.
+        return site.in_channels, site.out_channels, site.stride, site.input_shape, name
+
     pairs: Dict[Tuple, Tuple[int, str]] = {}
     for index, site in enumerate(space.sites):
         for name in space.choices(index):
-            pairs.setdefault((site.in_channels, site.out_channels, site.stride, site.input_shape, name), (index, name))
+            pairs.setdefault(entry_key(site, name), (index, name))
     calibration = CALIBRATION_CANDIDATES if build_candidate is not None else 0
     total = (len(pairs) + calibration + 1) * _COPIES
     with tqdm(total=total, desc="latency table", unit="module", disable=not progress) as bar:
-        # Blocks and whole networks are timed in rounds, one fresh copy of
-        # each per round, and keep their fastest round. A slow spell of the
-        # machine then spoils one round of many modules, not every round of one.
-        best: Dict[Tuple, float] = {key: float("inf") for key in pairs}
-        for _ in range(_COPIES):
-            for key, (index, name) in pairs.items():
-                site = space.sites[index]
-                best[key] = min(best[key], timed(space.build_block(site, name), site.input_shape))
-                bar.update(1)
-        rows = [{name: round(best[(site.in_channels, site.out_channels, site.stride, site.input_shape, name)], 5)
-                 for name in space.choices(index)} for index, site in enumerate(space.sites)]
+        block_ms = fastest_in_rounds([
+            lambda site=space.sites[index], name=name: timed(space.build_block(site, name), site.input_shape)
+            for index, name in pairs.values()
+        ])
+        best = dict(zip(pairs, block_ms))
+        rows = [{name: round(best[entry_key(site, name)], 5) for name in space.choices(index)}
+                for index, site in enumerate(space.sites)]
 
         own_blocks_ms = sum(timed(model.get_submodule(site.name), site.input_shape) for site in space.sites)
         genotypes = _calibration_genotypes(space, rows, calibration)
-        makers = [lambda: copy.deepcopy(model)] + [lambda blocks=blocks: build_candidate(blocks) for blocks in genotypes]
-        whole_ms = [float("inf")] * len(makers)
-        for _ in range(_COPIES):
-            for index, make in enumerate(makers):
-                whole_ms[index] = min(whole_ms[index], timed_whole(make))
-                bar.update(1)
+        whole_ms = fastest_in_rounds(
+            [lambda: timed(copy.deepcopy(model), space.input_size)]
+            + [lambda blocks=blocks: timed(build_candidate(blocks), space.input_size) for blocks in genotypes]
+        )
         teacher_ms = whole_ms[0]
         # (sum of block entries, measured whole) for each calibration network.
         points = [(own_blocks_ms, teacher_ms)]
@@ -335,9 +343,9 @@ def _fit_line(points: Sequence[Tuple[float, float]]) -> Tuple[float, float]:
 
     Each point is weighted by ``1 / y**2``, so the line minimises relative
     errors (the errors that budgets care about), and a slow network does not
-    pull the line away from the fast ones. With one point, or a
-    scale outside 0.2 to 5 (timings too noisy to fit), the line falls back to
-    scale 1 through the first point (the host model).
+    pull the line away from the fast ones. With one point, or a scale outside
+    0.2 to 5 (timings too noisy to fit), the line falls back to scale 1
+    through the first point (the host model).
     """
     first_x, first_y = points[0]
     fallback = (first_y - first_x, 1.0)
