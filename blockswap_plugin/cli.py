@@ -132,12 +132,16 @@ def cmd_count(args: argparse.Namespace) -> int:
 
 def _print_ranking(result, top: int) -> None:
     rows = result.ranking()[:top]
+    # Predicted latency gets a column when a latency budget made the search compute it.
+    latency = any("latency_ms" in c.costs for c in rows)
     print(f"\nTop {len(rows)} of {len(result.candidates)} candidates (Fisher potential, higher is better; "
           "score is the exact fp32 score where one was computed):")
-    print(f"{'rank':>4}  {'index':>5}  {'score':>11}  {'exact':>11}  {'params':>9}  {'MACs':>11}  blocks")
+    latency_head = f"  {'ms (pred.)':>10}" if latency else ""
+    print(f"{'rank':>4}  {'index':>5}  {'score':>11}  {'exact':>11}  {'params':>9}  {'MACs':>11}{latency_head}  blocks")
     for rank, c in enumerate(rows, 1):
         exact = f"{c.scores['exact']:.5g}" if "exact" in c.scores else ""
-        print(f"{rank:>4}  {c.index:>5}  {c.score:>11.5g}  {exact:>11}  {c.params:>9,}  {c.macs:>11,}  "
+        latency_cell = f"  {c.costs.get('latency_ms', float('nan')):>10.3f}" if latency else ""
+        print(f"{rank:>4}  {c.index:>5}  {c.score:>11.5g}  {exact:>11}  {c.params:>9,}  {c.macs:>11,}{latency_cell}  "
               f"{' '.join(c.blocks)}")
 
 
@@ -187,8 +191,9 @@ def _latency_tables(args, space, model, build_candidate, shard) -> dict:
             dist.barrier()
     if shard.rank == 0:
         print(f"latency table: {space.model_name} at batch {table.batch_size} on {table.device}, "
-              f"{table.num_threads} thread(s): teacher {table.teacher_ms:.3f} ms, fixed part {table.fixed_ms:.3f} ms, "
-              f"block scale {table.scale:.3f}")
+              f"{table.num_threads} thread(s): teacher {table.teacher_ms:.3f} ms; prediction = "
+              f"{table.scale:.3f} x sum of block entries {table.fixed_ms:+.3f} ms (calibrated line, so the "
+              "constant can be negative)")
     return {"latency_ms": table.cost_table()}
 
 
@@ -239,6 +244,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         space, build_candidate = _space_for(model, args.input_size)
         check_budgets(space, [b for b in budgets if b.metric != "latency_ms"])
         tables = _latency_tables(args, space, model, build_candidate, shard)
+        # The latency budget can be checked only now that the table exists, but still before the data is read.
+        check_budgets(space, budgets, tables)
 
         images, labels, _ = load_minibatch(
             args.data, args.batch_size, args.seed, space.input_size,

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from .errors import BlockSwapError
 from .space import SwapSpace
 
-__all__ = ["Budget", "CostTable", "SAMPLING_METHODS", "check_budgets", "genotype_cost", "sample_genotypes"]
+__all__ = ["Budget", "CostTable", "SAMPLING_METHODS", "check_budgets", "genotype_cost", "metric_unit", "sample_genotypes"]
 
 _logger = logging.getLogger(__name__)
 
@@ -59,6 +59,13 @@ class Budget:
             return value <= self.target
         return self.low < value < self.high
 
+    def to_dict(self) -> Dict[str, object]:
+        """The budget as JSON data; a ``"max"`` budget has no tolerance, so none is written."""
+        data: Dict[str, object] = {"metric": self.metric, "target": self.target, "kind": self.kind}
+        if self.kind == "band":
+            data["tolerance"] = self.tolerance
+        return data
+
     def describe(self) -> str:
         """Short text such as ``params=400,000+-2.5%`` or ``latency_ms<=5``."""
         target = f"{self.target:,.0f}" if self.target >= 1000 else f"{self.target:.6g}"
@@ -82,6 +89,15 @@ def _metric_table(
 
 def _format_cost(value: float) -> str:
     return f"{int(value):,}" if float(value).is_integer() else f"{value:,.4g}"
+
+
+# Units that messages print after a cost, by metric; other metrics print their own name.
+_METRIC_UNITS = {"params": "params", "macs": "MACs", "latency_ms": "ms"}
+
+
+def metric_unit(metric: str) -> str:
+    """Unit printed after a cost of ``metric`` (``"ms"`` for ``"latency_ms"``)."""
+    return _METRIC_UNITS.get(metric, metric)
 
 
 def genotype_cost(table: CostTable, genotype: Sequence[str]) -> float:
@@ -123,7 +139,7 @@ def check_budgets(
             band = "" if budget.kind == "max" else f" (+-{budget.tolerance:.1%})"
             raise BlockSwapError(
                 f"{budget.metric} budget {bound}{_format_cost(budget.target)}{band} cannot be met by "
-                f"{space.model_name}: genotypes reach {_format_cost(low)} to {_format_cost(high)} {budget.metric}; "
+                f"{space.model_name}: genotypes reach {_format_cost(low)} to {_format_cost(high)} {metric_unit(budget.metric)}; "
                 "choose a budget inside that range"
             )
 

@@ -126,7 +126,7 @@ class SearchResult:
                 "fisher_potential": best.score,
                 "index": best.index,
             },
-            "budgets": [asdict(b) for b in self.budgets],
+            "budgets": [b.to_dict() for b in self.budgets],
             "seed": self.seed,
             "batch_size": self.batch_size,
             "num_samples": len(self.candidates),

@@ -36,7 +36,7 @@ def reference_fisher(model, images, labels, branch_ends):
             handle.remove()
     total = 0.0
     for a, g in zip(kept, grads):
-        per_sample_channel = torch.einsum("nchw,nchw->nc", a.double(), g.double())
+        per_sample_channel = torch.einsum("nchw,nchw->nc", a.detach().double(), g.double())
         total += float((per_sample_channel ** 2).sum() / (2 * a.shape[0]))
     return total
 

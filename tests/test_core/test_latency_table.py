@@ -6,6 +6,7 @@ import timm
 import torch
 
 import blockswap_plugin.timm  # noqa: F401  (registers wrn_*)
+from blockswap_plugin import cli
 from blockswap_plugin.core import latency
 from blockswap_plugin.core.latency import load_or_build_latency_table, measure_best_latency
 from blockswap_plugin.core.sampler import Budget
@@ -54,7 +55,7 @@ def test_table_is_read_from_cache(wrn_table, monkeypatch):
     assert len(list(cache.iterdir())) == 1
 
 
-def test_latency_budget_holds_in_search(wrn_table, cifar_batch):
+def test_latency_budget_holds_in_search(wrn_table, cifar_batch, capsys):
     space, build, _, table, _ = wrn_table
     images, labels = cifar_batch
     limit = 0.8 * table.teacher_ms
@@ -66,6 +67,13 @@ def test_latency_budget_holds_in_search(wrn_table, cifar_batch):
         assert candidate.costs["latency_ms"] <= limit
         assert candidate.costs["latency_ms"] == pytest.approx(table.predict(candidate.blocks), abs=1e-3)
     assert torch.isfinite(torch.tensor(result.best.score))
+    # A "max" budget has no tolerance, so the result file records none.
+    assert result.to_dict()["budgets"] == [{"metric": "latency_ms", "target": limit, "kind": "max"}]
+    # The command's ranking shows the predicted latency of each candidate.
+    cli._print_ranking(result, 2)
+    lines = capsys.readouterr().out.splitlines()
+    assert "ms (pred.)" in lines[2]
+    assert f"{result.ranking()[0].costs['latency_ms']:.3f}" in lines[3]
 
 
 def test_calibration_is_recorded(wrn_table):
