@@ -18,7 +18,9 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from .errors import BlockSwapError
 from .space import SwapSpace
 
-__all__ = ["Budget", "CostTable", "SAMPLING_METHODS", "check_budgets", "genotype_cost", "metric_unit", "sample_genotypes"]
+__all__ = [
+    "Budget", "CostTable", "SAMPLING_METHODS", "check_budgets", "genotype_cost", "metric_unit", "sample_genotypes",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ class Budget:
         return self.low < value < self.high
 
     def to_dict(self) -> Dict[str, object]:
-        """The budget as JSON data; a ``"max"`` budget has no tolerance, so none is written."""
+        """Return the budget as JSON data, without a tolerance for a ``"max"`` budget (where none applies)."""
         data: Dict[str, object] = {"metric": self.metric, "target": self.target, "kind": self.kind}
         if self.kind == "band":
             data["tolerance"] = self.tolerance
