@@ -141,8 +141,8 @@ def check_budgets(
             band = "" if budget.kind == "max" else f" (+-{budget.tolerance:.1%})"
             raise BlockSwapError(
                 f"{budget.metric} budget {bound}{_format_cost(budget.target)}{band} cannot be met by "
-                f"{space.model_name}: genotypes reach {_format_cost(low)} to {_format_cost(high)} {metric_unit(budget.metric)}; "
-                "choose a budget inside that range"
+                f"{space.model_name}: genotypes reach {_format_cost(low)} to {_format_cost(high)} "
+                f"{metric_unit(budget.metric)}; choose a budget inside that range"
             )
 
 
