@@ -93,13 +93,17 @@ def _format_cost(value: float) -> str:
     return f"{int(value):,}" if float(value).is_integer() else f"{value:,.4g}"
 
 
-# Units that messages print after a cost, by metric; other metrics print their own name.
-_METRIC_UNITS = {"params": "params", "macs": "MACs", "latency_ms": "ms"}
+# Name and unit that messages print for a metric; other metrics print their key for both.
+_METRIC_WORDS = {"params": ("params", "params"), "macs": ("MACs", "MACs"), "latency_ms": ("latency", "ms")}
 
 
 def metric_unit(metric: str) -> str:
-    """Unit printed after a cost of ``metric`` (``"ms"`` for ``"latency_ms"``)."""
-    return _METRIC_UNITS.get(metric, metric)
+    """Return the unit printed after a cost of ``metric`` (``"ms"`` for ``"latency_ms"``)."""
+    return _METRIC_WORDS.get(metric, (metric, metric))[1]
+
+
+def _metric_name(metric: str) -> str:
+    return _METRIC_WORDS.get(metric, (metric, metric))[0]
 
 
 def genotype_cost(table: CostTable, genotype: Sequence[str]) -> float:
@@ -139,8 +143,11 @@ def check_budgets(
         if unreachable:
             bound = "at most " if budget.kind == "max" else ""
             band = "" if budget.kind == "max" else f" (+-{budget.tolerance:.1%})"
+            # "latency budget at most 0.5 ms", but "params budget 1,000", without the name twice.
+            name, unit = _metric_name(budget.metric), metric_unit(budget.metric)
+            target = _format_cost(budget.target) + ("" if unit == name else f" {unit}")
             raise BlockSwapError(
-                f"{budget.metric} budget {bound}{_format_cost(budget.target)}{band} cannot be met by "
+                f"{name} budget {bound}{target}{band} cannot be met by "
                 f"{space.model_name}: genotypes reach {_format_cost(low)} to {_format_cost(high)} "
                 f"{metric_unit(budget.metric)}; choose a budget inside that range"
             )
