@@ -41,6 +41,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .block_cache import cpu_block_cache
+from .fused import fused_kernel
 from .cache import cache_root
 from .errors import BlockSwapError
 from .genotype import write_json_atomic
@@ -240,6 +241,10 @@ def build_latency_table(
     num_threads = num_threads or torch.get_num_threads()
     _logger.info("measuring latency table of %s at batch %d on %s (%d threads)",
                  space.model_name, batch_size, device_name(device), num_threads)
+    if device.type == "cpu":
+        # CPU timings use the block cache of the compiled helpers. A first build takes about a minute, so
+        # it runs before the progress bar starts and its log line does not land on the bar's line.
+        fused_kernel()
 
     def timed(module: nn.Module, shape: Sequence[int]) -> float:
         return measure_latency(module, (batch_size, *shape), device, num_threads)
