@@ -244,7 +244,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         space, build_candidate = _space_for(model, args.input_size)
         check_budgets(space, [b for b in budgets if b.metric != "latency_ms"])
         tables = _latency_tables(args, space, model, build_candidate, shard)
-        # The latency budget can be checked only now that the table exists, but still before the data is read.
+        # The latency budget can be checked only now that the table exists, but still before the minibatch is loaded.
         check_budgets(space, budgets, tables)
 
         images, labels, _ = load_minibatch(

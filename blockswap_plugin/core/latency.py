@@ -42,9 +42,9 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .block_cache import cpu_block_cache
-from .fused import fused_kernel
 from .cache import cache_root
 from .errors import BlockSwapError
+from .fused import fused_kernel
 from .genotype import write_json_atomic
 from .sampler import CostTable
 from .space import SwapSpace
@@ -67,6 +67,13 @@ _COPIES = 3
 _MAX_COPIES = 6
 _AGREEMENT = 0.03
 
+# Whole candidates timed to calibrate a table, besides the host model.
+CALIBRATION_CANDIDATES = 10
+# Seed of the random steps in the calibration genotypes, apart from any search seed.
+_CALIBRATION_SEED = 20200426
+# Bumped when the way tables are measured changes, so cached tables are measured again.
+_TABLE_VERSION = 6
+
 
 def _settled(times: Sequence[float]) -> bool:
     """Return whether the two fastest of ``times`` agree within :data:`_AGREEMENT`."""
@@ -74,12 +81,6 @@ def _settled(times: Sequence[float]) -> bool:
         return False
     first, second = sorted(times)[:2]
     return second <= first * (1 + _AGREEMENT)
-# Whole candidates timed to calibrate a table, besides the host model.
-CALIBRATION_CANDIDATES = 10
-# Seed of the random steps in the calibration genotypes, apart from any search seed.
-_CALIBRATION_SEED = 20200426
-# Bumped when the way tables are measured changes, so cached tables are measured again.
-_TABLE_VERSION = 6
 
 
 def device_name(device: torch.device) -> str:

@@ -149,7 +149,7 @@ def check_budgets(
             raise BlockSwapError(
                 f"{name} budget {bound}{target}{band} cannot be met by "
                 f"{space.model_name}: genotypes reach {_format_cost(low)} to {_format_cost(high)} "
-                f"{metric_unit(budget.metric)}; choose a budget inside that range"
+                f"{unit}; choose a budget inside that range"
             )
 
 
